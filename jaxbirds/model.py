@@ -1,0 +1,152 @@
+"""The tutorial's MLP as pure functions over a parameter pytree.
+
+    X (N, k) ids --C--> emb (N, k, E) --concat--> embcat (N, kE)
+      --@W1 + b1--> hprebn (N, H) --batch norm--> hpreact (N, H)
+      --tanh--> h (N, H) --@W2 + b2--> logits (N, V) --cross-entropy--> loss
+
+Parameters are a plain ``dict`` of arrays (a pytree), keyed by the tutorial's
+names. Batch norm runs in training mode (statistics of the batch) unless
+calibrated statistics are passed, as after training.
+
+``rules`` picks how the two non-trivial operations are written:
+``"jax"`` uses :mod:`jaxbirds.ops` (JAX derives their gradients),
+``"custom_vjp"`` uses :mod:`jaxbirds.vjp` (our hand-written rules). The value is
+the same either way; only the backward pass differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxbirds import ops, vjp
+
+Params = dict[str, jax.Array]
+Rules = Literal["jax", "custom_vjp"]
+PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the model. ``vocab_size`` counts the end token."""
+
+    vocab_size: int = 29
+    context_size: int = 3
+    embedding_dim: int = 10
+    hidden: int = 200
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
+
+    @property
+    def fan_in(self) -> int:
+        return self.context_size * self.embedding_dim
+
+
+class BatchNormStats(NamedTuple):
+    """Calibrated batch-norm statistics, each (1, H): used in evaluation mode."""
+
+    mean: jax.Array
+    var: jax.Array
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    V, H = config.vocab_size, config.hidden
+    return {
+        "C": (V, config.embedding_dim),
+        "W1": (config.fan_in, H),
+        "b1": (H,),
+        "W2": (H, V),
+        "b2": (V,),
+        "bngain": (1, H),
+        "bnbias": (1, H),
+    }
+
+
+def init_params(key: jax.Array, config: ModelConfig, dtype=jnp.float32) -> Params:
+    """The tutorial's initialisation.
+
+    ``C ~ N(0, 1)``; ``W1 ~ N(0, 1) * (5/3) / sqrt(fan_in)`` (Kaiming gain for
+    tanh); ``b1, W2, b2 ~ 0.1 * N(0, 1)``; ``bngain ~ 1 + 0.1 N(0, 1)``;
+    ``bnbias ~ 0.1 N(0, 1)``. Each parameter draws from its own subkey.
+    """
+    shapes = param_shapes(config)
+    keys = dict(zip(PARAM_NAMES, jax.random.split(key, len(PARAM_NAMES))))
+    normal = {name: jax.random.normal(keys[name], shape, dtype) for name, shape in shapes.items()}
+    scale = {"C": 1.0, "W1": (5 / 3) / config.fan_in**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1, "bngain": 0.1, "bnbias": 0.1}
+    params = {name: normal[name] * scale[name] for name in PARAM_NAMES}
+    params["bngain"] = params["bngain"] + 1.0
+    return params
+
+
+def param_count(params: Params) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def check_params(params: Params, config: ModelConfig) -> None:
+    """Raise if ``params`` is not exactly the parameter set ``config`` implies."""
+    expected = param_shapes(config)
+    if set(params) != set(expected):
+        raise ValueError(f"parameters {sorted(params)} do not match the model's {sorted(expected)}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, the model needs {shape}")
+
+
+def hidden_preactivation(params: Params, X: jax.Array) -> jax.Array:
+    """``hprebn = concat(C[X]) @ W1 + b1``: the input of batch norm, (N, H)."""
+    C, W1 = params["C"], params["W1"]
+    chex.assert_rank(X, 2)
+    emb = C[X]
+    chex.assert_shape(emb, (X.shape[0], X.shape[1], C.shape[1]))
+    embcat = emb.reshape(X.shape[0], -1)
+    chex.assert_shape(embcat, (X.shape[0], W1.shape[0]))
+    hprebn = embcat @ W1 + params["b1"]
+    chex.assert_shape(hprebn, (X.shape[0], W1.shape[1]))
+    return hprebn
+
+
+def logits(params: Params, X: jax.Array, stats: BatchNormStats | None = None, rules: Rules = "jax") -> jax.Array:
+    """Forward pass to the logits, (N, V).
+
+    With ``stats=None`` batch norm uses the batch's own mean and unbiased
+    variance (training mode); otherwise the given calibrated statistics.
+    """
+    hprebn = hidden_preactivation(params, X)
+    gain, bias = params["bngain"], params["bnbias"]
+    if stats is not None:
+        hpreact = ops.batch_norm_eval(hprebn, gain, bias, stats.mean, stats.var)
+    elif rules == "custom_vjp":
+        hpreact = vjp.batch_norm(hprebn, gain, bias)
+    elif rules == "jax":
+        hpreact = ops.batch_norm(hprebn, gain, bias)
+    else:
+        raise ValueError(f"unknown rules {rules!r}: use 'jax' or 'custom_vjp'")
+    chex.assert_equal_shape([hpreact, hprebn])
+    h = jnp.tanh(hpreact)
+    out = h @ params["W2"] + params["b2"]
+    chex.assert_shape(out, (X.shape[0], params["W2"].shape[1]))
+    return out
+
+
+def loss(
+    params: Params, X: jax.Array, Y: jax.Array, stats: BatchNormStats | None = None, rules: Rules = "jax"
+) -> jax.Array:
+    """Mean cross-entropy of the next-character targets ``Y`` (N,)."""
+    chex.assert_shape(Y, (X.shape[0],))
+    out = logits(params, X, stats, rules)
+    if rules == "custom_vjp":
+        return vjp.cross_entropy(out, Y)
+    return ops.cross_entropy(out, Y)
+
+
+def calibrate(params: Params, X: jax.Array) -> BatchNormStats:
+    """Batch-norm statistics over a whole split (the tutorial's post-training step)."""
+    return BatchNormStats(*ops.batch_stats(hidden_preactivation(params, X)))
