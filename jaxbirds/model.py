@@ -17,6 +17,8 @@ the same either way; only the backward pass differs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Literal, NamedTuple
 
 import chex
@@ -75,13 +77,16 @@ def init_params(key: jax.Array, config: ModelConfig, dtype=jnp.float32) -> Param
 
     ``C ~ N(0, 1)``; ``W1 ~ N(0, 1) * (5/3) / sqrt(fan_in)`` (Kaiming gain for
     tanh); ``b1, W2, b2 ~ 0.1 * N(0, 1)``; ``bngain ~ 1 + 0.1 N(0, 1)``;
-    ``bnbias ~ 0.1 N(0, 1)``. Each parameter draws from its own subkey.
+    ``bnbias ~ 0.1 N(0, 1)``. All the standard normals come from one draw, cut
+    into pieces in ``PARAM_NAMES`` order: one random-number kernel instead of
+    seven, which compiles several times faster on a CPU.
     """
     shapes = param_shapes(config)
-    keys = dict(zip(PARAM_NAMES, jax.random.split(key, len(PARAM_NAMES))))
-    normal = {name: jax.random.normal(keys[name], shape, dtype) for name, shape in shapes.items()}
+    sizes = [math.prod(shapes[name]) for name in PARAM_NAMES]
+    flat = jax.random.normal(key, (sum(sizes),), dtype)
+    pieces = jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
     scale = {"C": 1.0, "W1": (5 / 3) / config.fan_in**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1, "bngain": 0.1, "bnbias": 0.1}
-    params = {name: normal[name] * scale[name] for name in PARAM_NAMES}
+    params = {name: piece.reshape(shapes[name]) * scale[name] for name, piece in zip(PARAM_NAMES, pieces)}
     params["bngain"] = params["bngain"] + 1.0
     return params
 

@@ -1,0 +1,95 @@
+"""The manual backward passes against jax.grad, tensor by tensor."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxbirds import gradcheck, manual, model
+
+
+def make_problem(dataset, hidden, seed, dtype, batch=32):
+    config = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=hidden)
+    params = model.init_params(jax.random.key(seed), config, dtype)
+    rows = np.random.default_rng(seed).integers(0, len(dataset.train), batch)
+    return params, jnp.asarray(dataset.train.X[rows]), jnp.asarray(dataset.train.Y[rows])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("hidden, seed", [(64, 0), (200, 1)])
+def test_atomic_pass_equals_jax_grad_bit_for_bit_on_every_intermediate(dataset, dtype, hidden, seed):
+    """With the forward shared, every one of the 19 intermediates and 7 parameters is bitwise equal."""
+    with jax.enable_x64(dtype == jnp.float64):
+        params, X, Y = make_problem(dataset, hidden, seed, dtype)
+        ours, ref = jax.device_get(gradcheck.atomic_vs_reference(params, X, Y))
+    assert set(ours) == set(ref) == {*manual.INTERMEDIATES, *model.PARAM_NAMES}
+    for name in ref:
+        assert ours[name].dtype == np.dtype(dtype), name
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_fused_pass_is_close_to_jax_grad(dataset, dtype):
+    tol = gradcheck.tolerance_for(dtype)
+    with jax.enable_x64(dtype == jnp.float64):
+        params, X, Y = make_problem(dataset, 200, 2, dtype)
+        rows = gradcheck.fused_rows(params, X, Y, tol)
+        loss = manual.fused_backward(params, X, Y).loss
+        assert float(loss) == pytest.approx(float(model.loss(params, X, Y)), rel=1e-6)
+    assert [r.name for r in rows] == ["logits", "hprebn", *model.PARAM_NAMES]
+    assert all(r.close for r in rows), gradcheck.format_table(rows, "fused")
+
+
+@settings(max_examples=6, deadline=None)  # each example is a new shape, so a new compile
+@given(batch=st.integers(2, 64), hidden=st.integers(1, 64), seed=st.integers(0, 1000))
+def test_fused_pass_over_random_shapes_float64(dataset, batch, hidden, seed):
+    tol = gradcheck.tolerance_for(np.float64)
+    with jax.enable_x64(True):
+        params, X, Y = make_problem(dataset, hidden, seed, jnp.float64, batch)
+        ours, ref = jax.device_get(gradcheck.fused_vs_reference(params, X, Y))
+    for name in ref:
+        np.testing.assert_allclose(ours[name], ref[name], rtol=tol.rtol, atol=tol.atol, err_msg=name)
+
+
+def test_embedding_gradient_accumulates_repeated_indices():
+    """Every use of a row adds to it: an id used 5 times collects 5 contributions."""
+    C = jnp.zeros((6, 2))
+    X = jnp.array([[3, 3, 3], [3, 0, 3]])  # id 3 five times, id 0 once, the rest never
+    demb = jnp.arange(12.0).reshape(2, 3, 2)
+    dC = manual.embedding_backward(C, X, demb)
+    expected = np.zeros((6, 2))
+    for i in range(2):  # the tutorial's double loop, as the reference
+        for j in range(3):
+            expected[int(X[i, j])] += np.asarray(demb[i, j])
+    np.testing.assert_array_equal(dC, expected)
+    ref = jax.grad(lambda C: jnp.sum(C[X] * demb))(C)
+    np.testing.assert_array_equal(dC, ref)
+
+
+def test_forward_intermediates_agree_with_the_model(dataset):
+    params, X, Y = make_problem(dataset, 64, 3, jnp.float32)
+    values = manual.forward_intermediates(params, X, Y)
+    assert set(values) == {*manual.INTERMEDIATES, "loss"}
+    np.testing.assert_allclose(values["logits"], model.logits(params, X), rtol=1e-5, atol=1e-6)
+    assert float(values["loss"]) == pytest.approx(float(model.loss(params, X, Y)), rel=1e-6)
+    assert values["emb"].shape == (32, 3, 10) and values["bnvar"].shape == (1, 64)
+
+
+def test_perturbations_change_only_what_they_touch(dataset):
+    """The taps the checker relies on: zero changes nothing, a nonzero tap moves the loss."""
+    params, X, Y = make_problem(dataset, 64, 4, jnp.float32)
+    plain = manual.forward_intermediates(params, X, Y)
+    zero = manual.forward_intermediates(params, X, Y, {"h": jnp.zeros((32, 64))})
+    moved = manual.forward_intermediates(params, X, Y, {"h": jnp.full((32, 64), 0.1)})
+    np.testing.assert_array_equal(plain["loss"], zero["loss"])
+    assert float(moved["loss"]) != float(plain["loss"])
+
+
+def test_manual_passes_reject_a_batch_of_one(dataset):
+    params, X, Y = make_problem(dataset, 8, 5, jnp.float32, batch=2)
+    with pytest.raises(ValueError, match="at least 2"):
+        manual.fused_backward(params, X[:1], Y[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        manual.forward_intermediates(params, X[:1], Y[:1])
