@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
+from jaxbirds.checkpoint import CheckpointError
 from jaxbirds.data import DataError
 
 #: Errors that mean "the input was wrong": reported as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, CheckpointError, ValueError, FileNotFoundError)
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -19,6 +23,18 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with one-line errors: ``<prog>: error: <message> (see --help)``, exit code 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def positive_int(text: str) -> int:
@@ -42,3 +58,26 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return value
+
+
+@contextlib.contextmanager
+def stop_requested() -> Iterator[threading.Event]:
+    """While active, the first Ctrl-C (or SIGTERM) sets the yielded event instead of raising.
+
+    The training loop polls the event between compiled chunks, so it can save
+    the last completed state and stop cleanly. A second Ctrl-C aborts at once.
+    """
+    event = threading.Event()
+
+    def request_stop(signum, frame):
+        if event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        event.set()
+        print("\nstopping after the current chunk, then saving (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -8,7 +8,6 @@ checks of both custom rules. Exits 1 if any tensor is outside tolerance.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from jaxbirds.manual import fused_backward
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                         help="precision of parameters and arithmetic (default: float32); tolerances "
                              "are rtol 1e-5 / atol 1e-8 for float32 and 1e-10 / 1e-14 for float64")

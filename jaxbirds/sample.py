@@ -1,0 +1,96 @@
+"""Inventing bird names: sampling from a trained model, many names at once.
+
+Each name starts from a context of end tokens (id 0). At every position the
+model gives logits over the next character; dividing them by a temperature
+``T`` sharpens (``T < 1``) or flattens (``T > 1``) the distribution before one
+character is drawn. Drawing the end token finishes the name.
+
+All ``count`` names are generated together: ``lax.scan`` over positions, with
+the whole batch of contexts advanced in one step (batch norm in evaluation
+mode, so each name is independent of the others in the batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbirds import model
+from jaxbirds.data import Vocabulary
+from jaxbirds.model import BatchNormStats, Params
+
+
+@functools.partial(jax.jit, static_argnames=("count", "max_length", "context_size"))
+def sample_ids(
+    key: jax.Array,
+    params: Params,
+    stats: BatchNormStats,
+    temperature: float | jax.Array,
+    *,
+    count: int,
+    max_length: int,
+    context_size: int,
+) -> jax.Array:
+    """``(count, max_length)`` int32 character ids; position ``t`` drawn with ``fold_in(key, t)``.
+
+    Positions after a name's end token are 0 too (a finished name stays finished).
+    """
+
+    def step(carry, t):
+        context, done = carry
+        logits = model.logits(params, context, stats) / temperature
+        drawn = jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1).astype(jnp.int32)
+        drawn = jnp.where(done, 0, drawn)
+        context = jnp.concatenate([context[:, 1:], drawn[:, None]], axis=1)
+        return (context, done | (drawn == 0)), drawn
+
+    start = (jnp.zeros((count, context_size), jnp.int32), jnp.zeros((count,), bool))
+    _, ids = jax.lax.scan(step, start, jnp.arange(max_length))
+    return ids.T
+
+
+class Samples(NamedTuple):
+    names: list[str]
+    finished: list[bool]  # False: the name reached max_length without drawing the end token
+
+    def memorised_share(self, training_names: Iterable[str]) -> float:
+        """Share of the finished samples that are real names from the training split."""
+        known = set(training_names)
+        finished = [name for name, ok in zip(self.names, self.finished) if ok]
+        return sum(name in known for name in finished) / len(finished) if finished else 0.0
+
+
+def decode(ids: np.ndarray, vocab: Vocabulary) -> Samples:
+    """Cut each row at its first end token and turn ids into characters."""
+    names, finished = [], []
+    for row in np.asarray(ids):
+        ends = np.flatnonzero(row == 0)
+        names.append(vocab.decode(row[: ends[0]] if ends.size else row))
+        finished.append(bool(ends.size))
+    return Samples(names, finished)
+
+
+def sample_names(
+    key: jax.Array,
+    params: Params,
+    stats: BatchNormStats,
+    vocab: Vocabulary,
+    context_size: int,
+    count: int = 10,
+    temperature: float = 1.0,
+    max_length: int = 50,
+) -> Samples:
+    """Generate ``count`` names. ``temperature`` must be positive; ``max_length`` bounds each name."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if count < 1 or max_length < 1:
+        raise ValueError(f"count and max_length must be >= 1, got {count} and {max_length}")
+    ids = sample_ids(
+        key, params, stats, jnp.asarray(temperature, params["W1"].dtype),
+        count=count, max_length=max_length, context_size=context_size,
+    )  # fmt: skip
+    return decode(np.asarray(ids), vocab)
