@@ -142,17 +142,18 @@ def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int,
     return jax.vmap(draw)(steps)
 
 
-def make_chunk_fn(train_config: TrainConfig, length: int) -> Callable:
+def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
     """The compiled unit of training: ``length`` SGD steps fused with ``lax.scan``.
 
     ``chunk(params, opt_state, start, X, Y, data_key) -> (params, opt_state, losses)``
     with ``losses`` of shape ``(length,)``. Jitted with the parameter and optimiser
     buffers donated. :func:`train` compiles it once per chunk length, ahead of
     time, and calls the compiled executable, which cannot retrace: a call with
-    other shapes or dtypes is an error, not a silent recompile.
+    other shapes or dtypes is an error, not a silent recompile. ``loss_and_grads``
+    replaces the gradient mode's function (the benchmarks time other passes with it).
     """
     optimizer = train_config.make_optimizer()
-    loss_and_grads = loss_and_grads_fn(train_config.grad_mode)
+    loss_and_grads = loss_and_grads or loss_and_grads_fn(train_config.grad_mode)
 
     def sgd_step(carry, batch_rows, X, Y):
         params, opt_state = carry
@@ -167,6 +168,23 @@ def make_chunk_fn(train_config: TrainConfig, length: int) -> Callable:
         return params, opt_state, losses
 
     return jax.jit(chunk, donate_argnums=(0, 1))
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_chunk(train_config: TrainConfig, length: int, *args) -> Callable:
+    """:func:`make_chunk_fn` compiled ahead of time for ``args``' shapes and dtypes, memoised.
+
+    The key is the config, the length and the abstract arguments (shapes, dtypes,
+    tree structure), so a second run, or a resumed one, in the same process
+    reuses the executable instead of compiling it again.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (train_config, length, treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+    if key not in _COMPILED:
+        _COMPILED[key] = make_chunk_fn(train_config, length).lower(*args).compile()
+    return _COMPILED[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +227,9 @@ def train(
         raise ValueError("there are no training examples")
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     data_key = keys_for(train_config.seed).data
+    arguments = lambda params, opt_state: (params, opt_state, jnp.int32(0), X, Y, data_key)  # noqa: E731
     previous = np.zeros(0, np.float32) if losses_so_far is None else np.asarray(losses_so_far, np.float32)
     losses = [previous[: state.step]]
-    compiled: dict[int, Callable] = {}
     compile_seconds = train_seconds = 0.0
     # A host copy of the last finite state: the device copy is donated to the next chunk.
     last_good = jax.device_get(state)
@@ -219,16 +237,11 @@ def train(
 
     while step < train_config.steps:
         length = min(train_config.chunk_size, train_config.steps - step)
-        if length not in compiled:
-            t0 = time.perf_counter()
-            compiled[length] = (
-                make_chunk_fn(train_config, length)
-                .lower(params, opt_state, jnp.int32(step), X, Y, data_key)
-                .compile()
-            )
-            compile_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        params, opt_state, chunk_losses = compiled[length](params, opt_state, jnp.int32(step), X, Y, data_key)
+        chunk = compiled_chunk(train_config, length, *arguments(params, opt_state))
+        compile_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        params, opt_state, chunk_losses = chunk(params, opt_state, jnp.int32(step), X, Y, data_key)
         chunk_losses = np.asarray(chunk_losses)  # waits for the chunk: the one host sync per chunk
         train_seconds += time.perf_counter() - t0
 

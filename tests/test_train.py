@@ -79,6 +79,7 @@ def test_the_training_step_is_traced_once_for_many_chunks(dataset, data, monkeyp
         return loss_and_grads
 
     monkeypatch.setattr(train, "loss_and_grads_fn", counted)
+    monkeypatch.setattr(train, "_COMPILED", {})  # start without memoised executables
     result = run(dataset, data, dataclasses.replace(SMALL, steps=1_000))
     assert result.state.step == 1_000 and len(traces) == 1
 

@@ -1,0 +1,452 @@
+"""JIT performance studies: the same training step computed and compiled in different ways.
+
+Every study returns a list of rows (plain dicts) measured in this process, side
+by side, so that ratios compare like with like on a noisy machine. Times are
+medians of ``repeats`` runs after a warm-up run; the min-max spread is kept.
+
+Studies:
+
+* :func:`dispatch_study`  - eager vs jit-per-step vs scan-fused chunks (and unrolling);
+* :func:`modes_study`     - autodiff vs custom_vjp vs fused manual vs atomic manual;
+* :func:`xla_study`       - what XLA compiled: FLOPs, bytes, kernels (thunks) per step;
+* :func:`scaling_study`   - batch and hidden sweeps, float32 vs float64;
+* :func:`vmap_study`      - K independent models trained in one compiled step;
+* :func:`torch_study`     - the tutorial's PyTorch loop, when ``torch`` is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbirds import manual, model, train
+from jaxbirds.data import Dataset
+from jaxbirds.model import ModelConfig
+from jaxbirds.train import TrainConfig
+
+Row = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """How hard to measure. ``quick`` settings keep the whole suite under a minute."""
+
+    repeats: int = 5
+    steps: int = 10_000  # steps per timed scan call
+    chunks: tuple[int, ...] = (10, 100, 1_000, 10_000)
+    unrolls: tuple[int, ...] = (1, 4)
+    batches: tuple[int, ...] = (32, 128, 512, 2_048, 4_096)
+    hiddens: tuple[int, ...] = (64, 200, 512, 1_024)
+    models: tuple[int, ...] = (1, 4, 16, 64)
+    eager_steps: int = 5
+    torch_steps: int = 300
+
+    @classmethod
+    def quick(cls) -> "BenchConfig":
+        """Every study, fewer points: about a minute on 2 cores, most of it compiling."""
+        return cls(repeats=2, steps=2_000, chunks=(1_000,), unrolls=(1,), batches=(32, 2_048), hiddens=(1_024,),
+                   models=(1, 8), eager_steps=2, torch_steps=50)
+
+
+# --------------------------------------------------------------------------- #
+# Measuring                                                                   #
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> "Timing":
+        return cls(statistics.median(seconds), min(seconds), max(seconds))
+
+
+def measure(run: Callable[[], object], repeats: int) -> Timing:
+    """Seconds per call of ``run`` (which must block until done): one warm-up, then ``repeats`` timed."""
+    run()
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - t0)
+    return Timing.of(seconds)
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "device": f"{device.platform}: {device.device_kind}",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+    }
+
+
+class Bench:
+    """A dataset, a default model and training recipe, and helpers to time training chunks."""
+
+    def __init__(self, dataset: Dataset, config: BenchConfig):
+        self.dataset, self.config = dataset, config
+        self.X, self.Y = jnp.asarray(dataset.train.X), jnp.asarray(dataset.train.Y)
+        self.model_config = ModelConfig(vocab_size=dataset.vocab.size, context_size=dataset.context_size)
+        self.train_config = TrainConfig()
+
+    def state(self, mc: ModelConfig, tc: TrainConfig, dtype=jnp.float32) -> train.TrainState:
+        return train.init_state(mc, tc, dtype)
+
+    def time_chunks(
+        self, mc: ModelConfig, tc: TrainConfig, length: int, calls: int, dtype=jnp.float32, loss_and_grads=None
+    ) -> Row:
+        """Compile a ``length``-step chunk, then time ``calls`` consecutive calls of it, ``repeats`` times."""
+        params, opt_state, _ = self.state(mc, tc, dtype)
+        key = train.keys_for(tc.seed).data
+        t0 = time.perf_counter()
+        chunk = train.make_chunk_fn(tc, length, loss_and_grads)
+        chunk = chunk.lower(params, opt_state, jnp.int32(0), self.X, self.Y, key).compile()
+        compile_s = time.perf_counter() - t0
+        carry = [params, opt_state]
+
+        def run():
+            for i in range(calls):
+                carry[0], carry[1], losses = chunk(carry[0], carry[1], jnp.int32(i * length), self.X, self.Y, key)
+            losses.block_until_ready()
+
+        timing = measure(run, self.config.repeats)
+        steps = length * calls
+        return {"compile_s": compile_s, "us_per_step": 1e6 * timing.median / steps,
+                "steps_per_s": steps / timing.median, "spread_steps_per_s": (steps / timing.high, steps / timing.low)}
+
+
+# --------------------------------------------------------------------------- #
+# Studies                                                                     #
+# --------------------------------------------------------------------------- #
+
+
+def dispatch_study(b: Bench) -> list[Row]:
+    """The same SGD step: op by op, one jit call per step, and fused into scan chunks."""
+    mc, tc, steps = b.model_config, b.train_config, b.config.steps
+    rows = []
+
+    # Eager: the chunk function with jit disabled runs every primitive as its own dispatch.
+    params, opt_state, _ = b.state(mc, tc)
+    key = train.keys_for(tc.seed).data
+    chunk1 = train.make_chunk_fn(tc, 1)
+    n = b.config.eager_steps
+
+    def eager():
+        p, o = params, opt_state
+        with jax.disable_jit():
+            for i in range(n):
+                p, o, losses = chunk1(p, o, jnp.int32(i), b.X, b.Y, key)
+        jax.block_until_ready(losses)
+
+    timing = measure(eager, max(1, b.config.repeats // 2))
+    rows.append({"variant": "eager (no jit)", "chunk": 1, "unroll": 1, "compile_s": 0.0,
+                 "us_per_step": 1e6 * timing.median / n, "steps_per_s": n / timing.median,
+                 "spread_steps_per_s": (n / timing.high, n / timing.low)})
+    per_step = min(steps, 1_000)
+    rows.append({"variant": "jit, one call per step", "chunk": 1, "unroll": 1,
+                 **b.time_chunks(mc, tc, 1, per_step)})
+    for length in b.config.chunks:
+        for unroll in b.config.unrolls:
+            if unroll > length:
+                continue
+            row = b.time_chunks(mc, dataclasses.replace(tc, unroll=unroll), length, max(1, steps // length))
+            rows.append({"variant": "scan", "chunk": length, "unroll": unroll, **row})
+    return rows
+
+
+def atomic_loss_and_grads(params, X, Y):
+    """The atomic manual pass as a training gradient (for timing only)."""
+    values = manual.forward_intermediates(params, X, Y)
+    grads = manual.atomic_backward(params, X, Y, values)
+    return values["loss"], {name: grads[name] for name in model.PARAM_NAMES}
+
+
+def modes_study(b: Bench) -> list[Row]:
+    """Time per step of each gradient mode, same shapes, same run; ratio to autodiff."""
+    rows = []
+    length = min(b.config.steps, 2_000)
+    calls = max(1, b.config.steps // length)
+    for name, mode, grad_fn in [("autodiff", "autodiff", None), ("custom_vjp", "custom_vjp", None),
+                                ("manual (fused)", "manual", None), ("manual (atomic)", "manual", atomic_loss_and_grads)]:
+        tc = dataclasses.replace(b.train_config, grad_mode=mode)
+        rows.append({"mode": name, **b.time_chunks(b.model_config, tc, length, calls, loss_and_grads=grad_fn)})
+    base = rows[0]["us_per_step"]
+    for row in rows:
+        row["ratio_to_autodiff"] = row["us_per_step"] / base
+    return rows
+
+
+def _single_step(grad_fn, tc: TrainConfig):
+    optimizer = tc.make_optimizer()
+
+    def step(params, opt_state, X, Y):
+        loss, grads = grad_fn(params, X, Y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def hlo_summary(compiled) -> dict:
+    """Counts in the optimised HLO: instructions of the entry computation (each one a kernel/thunk
+    launched per step, on CPU), how many of those are fusions, and how many are dots."""
+    text = compiled.as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[: entry.index("\n}")]
+    ops = [line for line in entry.splitlines()[1:] if " = " in line]
+    kernels = [op for op in ops if not re.search(r"= \S+ (parameter|constant|get-tuple-element|tuple|bitcast)\(", op)]
+    return {"kernels": len(kernels), "fusions": sum("fusion(" in op for op in kernels),
+            "dots": sum(" dot(" in op or "__ynn" in op or "dot_general" in op for op in kernels)}
+
+
+def cost(compiled) -> dict:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return {"flops": float(analysis.get("flops", float("nan"))),
+            "bytes": float(analysis.get("bytes accessed", float("nan")))}
+
+
+def xla_study(b: Bench, modes_rows: list[Row] | None = None) -> list[Row]:
+    """Per mode: FLOPs and bytes of one step (XLA's cost analysis), kernels after fusion, GFLOP/s."""
+    mc, tc = b.model_config, b.train_config
+    params, opt_state, _ = b.state(mc, tc)
+    Xb, Yb = b.X[: tc.batch_size], b.Y[: tc.batch_size]
+    timed = {row["mode"]: row["us_per_step"] for row in modes_rows or []}
+    rows = []
+    for name, fn in [("autodiff", train.loss_and_grads_fn("autodiff")),
+                     ("custom_vjp", train.loss_and_grads_fn("custom_vjp")),
+                     ("manual (fused)", train.loss_and_grads_fn("manual")),
+                     ("manual (atomic)", atomic_loss_and_grads)]:
+        compiled = jax.jit(_single_step(fn, tc)).lower(params, opt_state, Xb, Yb).compile()
+        row = {"mode": name, **cost(compiled), **hlo_summary(compiled)}
+        if name in timed:
+            row["us_per_step"] = timed[name]
+            row["gflops_per_s"] = row["flops"] / (timed[name] * 1e3)
+        rows.append(row)
+    return rows
+
+
+def model_flops(mc: ModelConfig, batch: int) -> float:
+    """Matrix-multiply FLOPs of one training step: 2 per multiply-add, forward and backward.
+
+    Forward: ``embcat @ W1`` and ``h @ W2``; backward: two more products per
+    layer (the weight gradient and the input gradient; the first layer's input
+    gradient feeds the embedding). Elementwise work is O(batch * hidden), small beside it.
+    """
+    first = batch * mc.fan_in * mc.hidden
+    second = batch * mc.hidden * mc.vocab_size
+    return 2.0 * 3 * (first + second)
+
+
+def scaling_study(b: Bench) -> list[Row]:
+    """Batch and hidden sweeps (each with the other at its default), then float32 vs float64."""
+    rows = []
+    tc = b.train_config
+    points = [("batch", bs, b.model_config, bs) for bs in b.config.batches]
+    points += [("hidden", h, dataclasses.replace(b.model_config, hidden=h), tc.batch_size) for h in b.config.hiddens]
+    for sweep, value, mc, bs in points:
+        length = _chunk_for(bs * mc.hidden, b.config.steps)
+        row = b.time_chunks(mc, dataclasses.replace(tc, batch_size=bs), length, 1)
+        flops = model_flops(mc, bs)
+        rows.append({"sweep": sweep, "value": value, "batch": bs, "hidden": mc.hidden, "dtype": "float32", **row,
+                     "us_per_example": row["us_per_step"] / bs, "gflops_per_s": flops / (row["us_per_step"] * 1e3)})
+    with jax.enable_x64(True):
+        length = _chunk_for(tc.batch_size * b.model_config.hidden, b.config.steps)
+        row = b.time_chunks(b.model_config, tc, length, 1, dtype=jnp.float64)
+    flops = model_flops(b.model_config, tc.batch_size)
+    rows.append({"sweep": "dtype", "value": "float64", "batch": tc.batch_size, "hidden": b.model_config.hidden,
+                 "dtype": "float64", **row, "us_per_example": row["us_per_step"] / tc.batch_size,
+                 "gflops_per_s": flops / (row["us_per_step"] * 1e3)})
+    return rows
+
+
+def _chunk_for(work: int, steps: int) -> int:
+    """Fewer steps for bigger steps, so every point takes a similar time."""
+    return int(max(50, min(steps, steps * 32 * 200 // max(work, 1))))
+
+
+def vmap_study(b: Bench) -> list[Row]:
+    """K models with different seeds and learning rates, trained together in one compiled step."""
+    mc, tc = b.model_config, b.train_config
+    rows = []
+    for k in b.config.models:
+        length = max(50, b.config.steps // k)
+        seeds = jnp.arange(k)
+        lrs = jnp.geomspace(0.03, 0.3, k) if k > 1 else jnp.array([tc.learning_rate])
+
+        def make(seed, lr):
+            params = model.init_params(jax.random.fold_in(jax.random.key(tc.seed), seed), mc)
+            return params, optax.sgd(lr).init(params)
+
+        def chunk(params, opt_state, lr, seed, start):
+            grad_fn = train.loss_and_grads_fn(tc.grad_mode)
+            optimizer = optax.sgd(lr)
+            rows_ = train.sample_batch_indices(jax.random.fold_in(jax.random.key(tc.seed), seed),
+                                               start + jnp.arange(length), tc.batch_size, b.X.shape[0])
+
+            def step(carry, r):
+                p, o = carry
+                loss, g = grad_fn(p, b.X[r], b.Y[r])
+                u, o = optimizer.update(g, o, p)
+                return (optax.apply_updates(p, u), o), loss
+
+            (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), rows_)
+            return params, opt_state, losses
+
+        params, opt_state = jax.jit(jax.vmap(make))(seeds, lrs)
+        fn = jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+        t0 = time.perf_counter()
+        compiled = fn.lower(params, opt_state, lrs, seeds, jnp.int32(0)).compile()
+        compile_s = time.perf_counter() - t0
+        carry = [params, opt_state]
+
+        def run():
+            carry[0], carry[1], losses = compiled(carry[0], carry[1], lrs, seeds, jnp.int32(0))
+            losses.block_until_ready()
+
+        timing = measure(run, b.config.repeats)
+        rows.append({"models": k, "compile_s": compile_s, "us_per_step": 1e6 * timing.median / length,
+                     "model_steps_per_s": k * length / timing.median,
+                     "spread": (k * length / timing.high, k * length / timing.low)})
+    base = rows[0]["model_steps_per_s"]
+    for row in rows:
+        row["speedup_vs_one_model"] = row["model_steps_per_s"] / base
+    return rows
+
+
+def torch_study(b: Bench, jax_steps_per_s: float | None) -> tuple[list[Row], str | None]:
+    """The tutorial's PyTorch loop (manual gradients): its Python-loop embedding gradient and a
+    vectorised one. Returns ``(rows, note)``; without torch, no rows and a note saying so."""
+    try:
+        import torch
+    except ImportError:
+        return [], "torch is not installed (pip install -e '.[torch]'): the PyTorch reference was skipped"
+    from jaxbirds.torch_reference import tutorial_training_loop
+
+    rows = []
+    X, Y = torch.from_numpy(b.dataset.train.X.astype(np.int64)), torch.from_numpy(b.dataset.train.Y.astype(np.int64))
+    for variant, vectorised in [("tutorial loop (Python loop for dC)", False), ("same, dC by index_add_", True)]:
+        n = b.config.torch_steps
+        timing = measure(lambda: tutorial_training_loop(X, Y, b.model_config, n, vectorised), max(1, b.config.repeats // 2))
+        rate = n / timing.median
+        rows.append({"variant": variant, "steps_per_s": rate, "us_per_step": 1e6 / rate,
+                     "jaxbirds_speedup": (jax_steps_per_s / rate) if jax_steps_per_s else float("nan"),
+                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+    return rows, None
+
+
+# --------------------------------------------------------------------------- #
+# Reporting                                                                   #
+# --------------------------------------------------------------------------- #
+
+
+def markdown_table(rows: list[Row], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec). Tuples print as min-max spreads."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key, "")
+            if isinstance(value, tuple):
+                cells.append("–".join(format(v, spec) for v in value))
+            elif isinstance(value, (int, float)) and spec:
+                cells.append(format(value, spec))
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {
+    "dispatch": ("Dispatch and fusion (hidden 200, batch 32)", [
+        ("variant", "variant", ""), ("chunk", "steps per call", ","), ("unroll", "unroll", ""),
+        ("steps_per_s", "steps/s (median)", ",.0f"), ("spread_steps_per_s", "min–max", ",.0f"),
+        ("us_per_step", "µs/step", ".1f"), ("compile_s", "compile s", ".2f")]),
+    "modes": ("Gradient modes (scan chunks, hidden 200, batch 32)", [
+        ("mode", "mode", ""), ("us_per_step", "µs/step", ".1f"), ("steps_per_s", "steps/s", ",.0f"),
+        ("spread_steps_per_s", "min–max", ",.0f"), ("ratio_to_autodiff", "× autodiff", ".3f"),
+        ("compile_s", "compile s", ".2f")]),
+    "xla": ("What XLA compiled, per training step (one step, outside scan)", [
+        ("mode", "mode", ""), ("flops", "FLOPs", ",.0f"), ("bytes", "bytes accessed", ",.0f"),
+        ("kernels", "kernels (thunks)", ""), ("fusions", "of which fusions", ""), ("dots", "dots", ""),
+        ("gflops_per_s", "achieved GFLOP/s", ".2f")]),
+    "scaling": ("Scaling (matmul FLOPs counted by the model's formula)", [
+        ("sweep", "sweep", ""), ("batch", "batch", ""), ("hidden", "hidden", ""), ("dtype", "dtype", ""),
+        ("us_per_step", "µs/step", ",.1f"), ("us_per_example", "µs/example", ".3f"),
+        ("steps_per_s", "steps/s", ",.0f"), ("gflops_per_s", "GFLOP/s", ".2f")]),
+    "vmap": ("Many models at once (vmap over K models; batch 32, hidden 200 each)", [
+        ("models", "K", ""), ("us_per_step", "µs per (K-model) step", ",.1f"),
+        ("model_steps_per_s", "model-steps/s", ",.0f"), ("spread", "min–max", ",.0f"),
+        ("speedup_vs_one_model", "× one model", ".2f"), ("compile_s", "compile s", ".2f")]),
+    "torch": ("The tutorial's PyTorch loop (same recipe, manual gradients)", [
+        ("variant", "variant", ""), ("steps_per_s", "steps/s", ",.0f"), ("us_per_step", "µs/step", ",.1f"),
+        ("jaxbirds_speedup", "jaxbirds scan × faster", ".1f"), ("torch", "torch", ""),
+        ("torch_threads", "threads", "")]),
+}
+
+
+def plot_results(results: dict, out_dir) -> list:
+    """PNG figures of the studies that a picture explains better than a table."""
+    from jaxbirds.plots import _pyplot, _save
+    from pathlib import Path
+
+    plt = _pyplot()
+    out_dir, written = Path(out_dir), []
+    if results.get("dispatch"):
+        rows = results["dispatch"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [r["variant"] if r["variant"] != "scan" else f"scan {r['chunk']:,}" + (f" u{r['unroll']}" if r["unroll"] > 1 else "")
+                  for r in rows]
+        ax.barh(labels, [r["steps_per_s"] for r in rows], color="tab:blue")
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps per second (log scale)")
+        ax.invert_yaxis()
+        ax.set_title("the same SGD step, dispatched three ways")
+        written.append(_save(fig, out_dir / "dispatch.png"))
+    if results.get("scaling"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, sweep in zip(axes, ("batch", "hidden")):
+            rows = [r for r in results["scaling"] if r["sweep"] == sweep]
+            ax.plot([r["value"] for r in rows], [r["gflops_per_s"] for r in rows], "o-")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(sweep)
+            ax.set_ylabel("achieved matmul GFLOP/s")
+            ax.set_title(f"{sweep} sweep")
+            ax.grid(alpha=0.3)
+        written.append(_save(fig, out_dir / "scaling.png"))
+    if results.get("vmap"):
+        rows = results["vmap"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["models"] for r in rows], [r["model_steps_per_s"] for r in rows], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("models trained together (K)")
+        ax.set_ylabel("model-steps per second")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out_dir / "vmap.png"))
+    return written
