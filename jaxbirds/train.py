@@ -155,16 +155,16 @@ def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callab
     optimizer = train_config.make_optimizer()
     loss_and_grads = loss_and_grads or loss_and_grads_fn(train_config.grad_mode)
 
-    def sgd_step(carry, batch_rows, X, Y):
+    def sgd_step(carry, batch):
         params, opt_state = carry
-        loss, grads = loss_and_grads(params, X[batch_rows], Y[batch_rows])
+        loss, grads = loss_and_grads(params, *batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
     def chunk(params, opt_state, start, X, Y, data_key):
         rows = sample_batch_indices(data_key, start + jnp.arange(length), train_config.batch_size, X.shape[0])
-        step = functools.partial(sgd_step, X=X, Y=Y)
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), rows, unroll=train_config.unroll)
+        batches = (X[rows], Y[rows])  # every step's examples, gathered at once before the loop
+        (params, opt_state), losses = jax.lax.scan(sgd_step, (params, opt_state), batches, unroll=train_config.unroll)
         return params, opt_state, losses
 
     return jax.jit(chunk, donate_argnums=(0, 1))
