@@ -17,7 +17,6 @@ Studies:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import platform
 import re
@@ -413,8 +412,9 @@ TABLES = {
 
 def plot_results(results: dict, out_dir) -> list:
     """PNG figures of the studies that a picture explains better than a table."""
-    from jaxbirds.plots import _pyplot, _save
     from pathlib import Path
+
+    from jaxbirds.plots import _pyplot, _save
 
     plt = _pyplot()
     out_dir, written = Path(out_dir), []

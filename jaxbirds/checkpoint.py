@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbirds.data import Vocabulary
-from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, Params, check_params
+from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, check_params
 from jaxbirds.train import TrainConfig, TrainState
 
 FORMAT = "jaxbirds-checkpoint"

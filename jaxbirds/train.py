@@ -138,7 +138,7 @@ def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int,
     and ``t`` alone. Drawing all steps' indices at once (vectorised over steps)
     keeps the random-number work off the sequential scan.
     """
-    draw = lambda t: jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n_examples)  # noqa: E731
+    draw = lambda t: jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n_examples)
     return jax.vmap(draw)(steps)
 
 
@@ -227,7 +227,6 @@ def train(
         raise ValueError("there are no training examples")
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     data_key = keys_for(train_config.seed).data
-    arguments = lambda params, opt_state: (params, opt_state, jnp.int32(0), X, Y, data_key)  # noqa: E731
     previous = np.zeros(0, np.float32) if losses_so_far is None else np.asarray(losses_so_far, np.float32)
     losses = [previous[: state.step]]
     compile_seconds = train_seconds = 0.0
@@ -238,10 +237,11 @@ def train(
     while step < train_config.steps:
         length = min(train_config.chunk_size, train_config.steps - step)
         t0 = time.perf_counter()
-        chunk = compiled_chunk(train_config, length, *arguments(params, opt_state))
+        args = (params, opt_state, jnp.int32(step), X, Y, data_key)
+        chunk = compiled_chunk(train_config, length, *args)
         compile_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        params, opt_state, chunk_losses = chunk(params, opt_state, jnp.int32(step), X, Y, data_key)
+        params, opt_state, chunk_losses = chunk(*args)
         chunk_losses = np.asarray(chunk_losses)  # waits for the chunk: the one host sync per chunk
         train_seconds += time.perf_counter() - t0
 

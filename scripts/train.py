@@ -40,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--data", type=Path, default=data.DEFAULT_DATA_PATH, help="bird names, one per line (default: the shipped file)")
     p.add_argument("--out", type=Path, default=Path("runs/birds"), help="output directory (default runs/birds)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its configuration is reused)")
-    p.add_argument("--samples", type=int, default=10, help="names to print at the end (default 10)")
+    p.add_argument("--samples", type=cli.non_negative_int, default=10, help="names to print at the end (default 10)")
     p.add_argument("--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)")
     p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     return p.parse_args(argv)

@@ -3,8 +3,9 @@
 import json
 import math
 
-from jaxbirds import bench
 from test_gradcheck import load_script
+
+from jaxbirds import bench
 
 
 def test_quick_cli_runs_the_gradient_mode_studies_and_saves_json(tmp_path, capsys):

@@ -8,7 +8,6 @@ import pytest
 from jaxbirds import data
 from jaxbirds.data import DataError, Vocabulary, build_examples, clean_name, load_names, split_names
 
-
 # --- acceptance figures on the shipped dataset ------------------------------------------------
 
 

@@ -4,9 +4,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from jaxbirds import gradcheck
-from conftest import ROOT
 
 TOL = gradcheck.Tolerance(rtol=1e-5, atol=1e-8)
 

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from jaxbirds import checkpoint, cli
 from conftest import ROOT
 from test_gradcheck import load_script
+
+from jaxbirds import checkpoint, cli
 
 SMALL = ["--hidden", "16", "--chunk", "500", "--log-every", "500", "--samples", "3"]
 
