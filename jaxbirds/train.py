@@ -222,6 +222,9 @@ def train(
     logging and checkpoints); ``should_stop()`` is polled after every chunk.
     If a chunk produces a non-finite loss, training stops and the state from
     before that chunk is returned with ``diverged_at`` set.
+
+    The parameter and optimiser buffers of ``state`` are donated to the first
+    chunk: use the returned state afterwards, not the one passed in.
     """
     if len(Y) < 1:
         raise ValueError("there are no training examples")
