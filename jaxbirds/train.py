@@ -142,15 +142,13 @@ def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int,
     return jax.vmap(draw)(steps)
 
 
-def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
-    """The compiled unit of training: ``length`` SGD steps fused with ``lax.scan``.
+def chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
+    """The unit of training, not yet jitted: ``length`` SGD steps fused with ``lax.scan``.
 
     ``chunk(params, opt_state, start, X, Y, data_key) -> (params, opt_state, losses)``
-    with ``losses`` of shape ``(length,)``. Jitted with the parameter and optimiser
-    buffers donated. :func:`train` compiles it once per chunk length, ahead of
-    time, and calls the compiled executable, which cannot retrace: a call with
-    other shapes or dtypes is an error, not a silent recompile. ``loss_and_grads``
-    replaces the gradient mode's function (the benchmarks time other passes with it).
+    with ``losses`` of shape ``(length,)``. ``loss_and_grads`` replaces the gradient
+    mode's function (the benchmarks time other passes with it). Pure, so it can be
+    transformed further (the benchmarks ``vmap`` it over many models).
     """
     optimizer = train_config.make_optimizer()
     loss_and_grads = loss_and_grads or loss_and_grads_fn(train_config.grad_mode)
@@ -167,7 +165,17 @@ def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callab
         (params, opt_state), losses = jax.lax.scan(sgd_step, (params, opt_state), batches, unroll=train_config.unroll)
         return params, opt_state, losses
 
-    return jax.jit(chunk, donate_argnums=(0, 1))
+    return chunk
+
+
+def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
+    """:func:`chunk_fn` jitted with the parameter and optimiser buffers donated.
+
+    :func:`train` compiles it once per chunk length, ahead of time, and calls the
+    compiled executable, which cannot retrace: a call with other shapes or dtypes
+    is an error, not a silent recompile.
+    """
+    return jax.jit(chunk_fn(train_config, length, loss_and_grads), donate_argnums=(0, 1))
 
 
 _COMPILED: dict[tuple, Callable] = {}
