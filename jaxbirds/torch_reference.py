@@ -14,8 +14,15 @@ import torch.nn.functional as F
 from jaxbirds.model import ModelConfig
 
 
-def tutorial_training_loop(X: torch.Tensor, Y: torch.Tensor, mc: ModelConfig, steps: int, vectorised_dC: bool,
-                           batch_size: int = 32, seed: int = 2147483647) -> float:
+def tutorial_training_loop(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    mc: ModelConfig,
+    steps: int,
+    vectorised_dC: bool,
+    batch_size: int = 32,
+    seed: int = 2147483647,
+) -> float:
     """Run ``steps`` SGD steps of the tutorial's loop; returns the last loss."""
     g = torch.Generator().manual_seed(seed)
     V, E, H, k = mc.vocab_size, mc.embedding_dim, mc.hidden, mc.context_size
@@ -53,7 +60,12 @@ def tutorial_training_loop(X: torch.Tensor, Y: torch.Tensor, mc: ModelConfig, st
             dhpreact = (1.0 - h**2) * dh
             dbngain = (bnraw * dhpreact).sum(0, keepdim=True)
             dbnbias = dhpreact.sum(0, keepdim=True)
-            dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
+            dhprebn = (
+                bngain
+                * bnvar_inv
+                / n
+                * (n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
+            )
             dembcat = dhprebn @ W1.T
             dW1 = embcat.T @ dhprebn
             db1 = dhprebn.sum(0)
@@ -67,6 +79,6 @@ def tutorial_training_loop(X: torch.Tensor, Y: torch.Tensor, mc: ModelConfig, st
                         dC[Xb[a, b]] += demb[a, b]
             grads = [dC, dW1, db1, dW2, db2, dbngain, dbnbias]
             lr = 0.1 if i < 100_000 else 0.01
-            for p, grad in zip(parameters, grads):
+            for p, grad in zip(parameters, grads, strict=True):
                 p.data += -lr * grad
     return float(loss)
