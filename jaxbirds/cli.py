@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import sys
 import threading
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from jaxbirds.checkpoint import CheckpointError
-from jaxbirds.data import DataError
-
-#: Errors that mean "the input was wrong": reported as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, CheckpointError, ValueError, FileNotFoundError)
+from jaxbirds.errors import JaxbirdsError
+from jaxbirds.train import SEED_LIMIT
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a user error becomes ``error: <message>`` on stderr and exit code 2."""
+    """Run ``main``; the project's own errors (:class:`~jaxbirds.errors.JaxbirdsError`: bad
+    input) become ``error: <message>`` on stderr and exit code 2. Anything else is a bug
+    and keeps its traceback."""
     try:
         return main(argv)
-    except USER_ERRORS as err:
+    except JaxbirdsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -62,8 +62,15 @@ def batch_size(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_LIMIT - 1:,}, got {value}")
     return value
 
 

@@ -14,18 +14,21 @@ The pipeline reproduces the reference tutorial exactly:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from unidecode import unidecode
+
+from jaxbirds.errors import JaxbirdsError
 
 END_TOKEN = "."
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent.parent / "datasets" / "birds" / "birds.csv"
 
 
-class DataError(ValueError):
+class DataError(JaxbirdsError, ValueError):
     """The data file is missing, empty, or holds something the vocabulary cannot encode."""
 
 
@@ -109,7 +112,7 @@ class Vocabulary:
             raise ValueError("vocabulary characters must be distinct")
 
     @classmethod
-    def from_names(cls, names: Sequence[str]) -> "Vocabulary":
+    def from_names(cls, names: Sequence[str]) -> Vocabulary:
         found = {ch for name in names for ch in name}
         if END_TOKEN in found:
             raise DataError(f"the names contain the reserved end token {END_TOKEN!r}")
@@ -194,6 +197,8 @@ class Dataset:
     train: Split
     dev: Split
     test: Split
+    source: str = ""  # the file the names came from
+    sha256: str = ""  # of that file's bytes: which data a checkpoint was trained on
 
     @property
     def splits(self) -> dict[str, Split]:
@@ -209,12 +214,22 @@ class Dataset:
 
 
 def load_dataset(path: str | Path = DEFAULT_DATA_PATH, context_size: int = 3, seed: int = 1234) -> Dataset:
-    """Load, clean, split and window the names: the tutorial's whole data pipeline."""
+    """Load, clean, split and window the names: the tutorial's whole data pipeline.
+
+    Raises :class:`DataError` if the training split ends up without examples
+    (a file of one name leaves the 80 % split empty): every use of a dataset
+    trains or calibrates on it.
+    """
     names = [clean_name(name) for name in load_names(path)]
     names = [name for name in names if name]
     if not names:
         raise DataError(f"{path}: no names are left after cleaning")
     vocab = Vocabulary.from_names(names)
     parts = split_names(names, seed=seed)
+    if not parts[0]:
+        raise DataError(
+            f"{path}: {len(names)} name(s) leave the training split (80 %) empty; the file needs at least 2 names"
+        )
     splits = [Split(tuple(part), *build_examples(part, vocab, context_size)) for part in parts]
-    return Dataset(vocab, context_size, *splits)
+    sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return Dataset(vocab, context_size, *splits, source=str(Path(path).resolve()), sha256=sha256)

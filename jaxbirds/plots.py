@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
+from jaxbirds.errors import ConfigError
+
+
+def require() -> None:
+    """Raise :class:`ConfigError` now, before any work, if figures cannot be drawn."""
+    _pyplot()
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError('plots need matplotlib: pip install -e ".[plots]" (or pass --no-plot)') from None
+        raise ConfigError('plots need matplotlib: pip install -e ".[plots]" (or pass --no-plot)') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -40,33 +47,30 @@ def dlogits_heatmap(dlogits: np.ndarray, labels: np.ndarray, chars: Sequence[str
     return _save(fig, path)
 
 
-def relative_error_bars(tables: dict[str, Sequence], path: Path, floor: float) -> Path:
-    """Max relative difference per tensor, one panel per table, on a log scale.
+def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
+    """Each tensor's largest difference as a share of what its tolerance allows, one panel per table.
 
-    Bitwise-exact tensors (difference 0) are drawn as short green bars at
-    ``floor`` and labelled "exact"; tensors whose reference has zeros where the
-    difference is not zero (relative difference infinite: b1, logit_maxes) are
-    labelled "ref = 0" instead of a bar.
+    A bar below the line at 1 passes. Bitwise-exact tensors (difference 0) get
+    no bar and the label "exact". The log scale shows how much room is left:
+    a bar at 1e-2 would pass a hundred times the difference it has.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
-    for ax, (title, rows) in zip(axes[:, 0], tables.items()):
-        finite = [r.max_rel for r in rows if np.isfinite(r.max_rel) and r.max_rel > 0]
-        top = max(finite, default=floor * 10) * 10
-        for i, r in enumerate(rows):
-            color = "tab:green" if r.exact else ("tab:blue" if r.close else "tab:red")
+    for ax, (title, rows) in zip(axes[:, 0], tables.items(), strict=True):
+        shares = [r.max_abs / r.allowed if r.allowed > 0 else np.inf for r in rows]
+        shown = [x for x in shares if 0 < x < np.inf]
+        low = min(min(shown, default=1e-3) / 3, 1e-3)
+        for i, (r, share) in enumerate(zip(rows, shares, strict=True)):
             if r.exact:
-                ax.bar(i, floor, color=color)
-                ax.text(i, floor * 1.3, "exact", rotation=90, ha="center", va="bottom", fontsize=7)
-            elif np.isfinite(r.max_rel):
-                ax.bar(i, r.max_rel, color=color)
+                ax.text(i, low * 1.5, "exact", rotation=90, ha="center", va="bottom", fontsize=7, color="tab:green")
             else:
-                ax.text(i, floor * 1.3, "ref = 0", rotation=90, ha="center", va="bottom", fontsize=7, color=color)
+                ax.bar(i, min(share, 1e3), color="tab:blue" if r.close else "tab:red")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_yscale("log")
-        ax.set_ylim(floor / 2, top)
+        ax.set_ylim(low, max(10.0, max(shown, default=1.0) * 3))
         ax.set_xticks(range(len(rows)), labels=[r.name for r in rows], rotation=60, ha="right", fontsize=8)
-        ax.set_ylabel("max relative diff")
-        ax.set_title(f"{title}\n(green: bitwise exact, blue: close, red: outside tolerance)", fontsize=10)
+        ax.set_ylabel("max diff / allowed")
+        ax.set_title(f"{title}\n(below the dashed line: within tolerance; red: outside)", fontsize=10)
     return _save(fig, path)
 
 
