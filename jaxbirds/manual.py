@@ -6,23 +6,29 @@ Two versions, as in the tutorial:
   :func:`forward_intermediates`, one chain-rule step per line, and returns the
   gradient of the loss with respect to each intermediate and each parameter.
   It is for reading and for checking, not for speed.
-* :func:`fused_backward` runs a compact forward and uses the closed forms for
-  cross-entropy and batch norm (derived in :mod:`jaxbirds.vjp`). It returns the
-  loss and the parameter gradients, and is what ``manual`` training calls.
+* :func:`fused_backward` runs the model's training forward, recording the few
+  values it needs (``embcat``, ``x_hat``, ``s``, ``h``, ``logits``), and uses the
+  closed forms for cross-entropy and batch norm (derived in :mod:`jaxbirds.vjp`).
+  It returns the loss and the parameter gradients, and is what ``manual``
+  training calls.
+
+Both read :func:`jaxbirds.model.forward`, the one definition of the forward pass.
 
 Notation: ``n`` is the batch size, ``dX`` is ``dloss/dX`` and has ``X``'s shape.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from jaxbirds import model
 from jaxbirds.model import Params
-from jaxbirds.ops import BN_EPS, check_batch_size
+from jaxbirds.ops import BN_EPS
 
 #: The tutorial's intermediates, in forward order.
 INTERMEDIATES = (
@@ -35,45 +41,24 @@ INTERMEDIATES = (
 def forward_intermediates(
     params: Params, X: jax.Array, Y: jax.Array, perturb: Mapping[str, jax.Array] | None = None
 ) -> dict[str, jax.Array]:
-    """The forward pass split into the tutorial's named steps; returns every step and ``loss``.
+    """The model's forward pass in the tutorial's atomic steps; returns every named step and ``loss``.
 
-    ``perturb`` optionally adds an array to each named intermediate right after
-    it is computed (``t = expression + perturb[t]``). With zeros it changes
-    nothing, but ``jax.grad`` with respect to the perturbations then yields
-    ``dloss/dt`` for every intermediate ``t``: that is how :mod:`jaxbirds.gradcheck`
-    obtains its reference values.
+    This is :func:`jaxbirds.model.forward` with ``rules="tutorial"`` and a tap
+    that records each intermediate. ``perturb`` optionally adds an array to named
+    intermediates as they are computed (``t = expression + perturb[t]``). With
+    zeros it changes nothing, but ``jax.grad`` with respect to the perturbations
+    then yields ``dloss/dt`` for every intermediate ``t``: that is how
+    :mod:`jaxbirds.gradcheck` obtains its reference values.
     """
-    n = X.shape[0]
-    check_batch_size(n)
     perturb = perturb or {}
-    v: dict[str, jax.Array] = {}
+    values: dict[str, jax.Array] = {}
 
-    def put(name, value):
-        v[name] = value + perturb[name] if name in perturb else value
-        return v[name]
+    def record(name: str, value: jax.Array) -> jax.Array:
+        values[name] = value + perturb[name] if name in perturb else value
+        return values[name]
 
-    C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
-    emb = put("emb", C[X])  # (n, k, E)
-    embcat = put("embcat", emb.reshape(n, -1))  # (n, kE)
-    hprebn = put("hprebn", embcat @ W1 + b1)  # (n, H)
-    bnmeani = put("bnmeani", jnp.sum(hprebn, axis=0, keepdims=True) / n)  # (1, H)
-    bndiff = put("bndiff", hprebn - bnmeani)  # (n, H)
-    bndiff2 = put("bndiff2", bndiff**2)  # (n, H)
-    bnvar = put("bnvar", jnp.sum(bndiff2, axis=0, keepdims=True) / (n - 1))  # (1, H)
-    bnvar_inv = put("bnvar_inv", (bnvar + BN_EPS) ** -0.5)  # (1, H)
-    bnraw = put("bnraw", bndiff * bnvar_inv)  # (n, H)
-    hpreact = put("hpreact", params["bngain"] * bnraw + params["bnbias"])  # (n, H)
-    h = put("h", jnp.tanh(hpreact))  # (n, H)
-    logits = put("logits", h @ W2 + b2)  # (n, V)
-    logit_maxes = put("logit_maxes", jnp.max(logits, axis=1, keepdims=True))  # (n, 1)
-    norm_logits = put("norm_logits", logits - logit_maxes)  # (n, V)
-    counts = put("counts", jnp.exp(norm_logits))  # (n, V)
-    counts_sum = put("counts_sum", jnp.sum(counts, axis=1, keepdims=True))  # (n, 1)
-    counts_sum_inv = put("counts_sum_inv", counts_sum**-1)  # (n, 1)
-    probs = put("probs", counts * counts_sum_inv)  # (n, V)
-    logprobs = put("logprobs", jnp.log(probs))  # (n, V)
-    v["loss"] = -jnp.mean(logprobs[jnp.arange(n), Y])
-    return v
+    values["loss"] = model.forward(params, X, Y, rules="tutorial", tap=record)
+    return values
 
 
 def atomic_backward(params: Params, X: jax.Array, Y: jax.Array, v: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -100,15 +85,20 @@ def atomic_backward(params: Params, X: jax.Array, Y: jax.Array, v: Mapping[str, 
     g["norm_logits"] = g["counts"] * v["counts"]
     # norm_logits = logits - logit_maxes: logit_maxes (n, 1) was broadcast over columns.
     g["logit_maxes"] = -jnp.sum(g["norm_logits"], axis=1, keepdims=True)
-    # logits feeds norm_logits directly and the row max (through the arg-max position only).
-    argmax = jax.nn.one_hot(jnp.argmax(v["logits"], axis=1), V, dtype=v["logits"].dtype)
-    g["logits"] = g["norm_logits"] + g["logit_maxes"] * argmax
+    # logits feeds norm_logits directly and the row max. The max passes its gradient to the entry
+    # that is the maximum; where several entries tie for it, JAX's rule splits it equally among
+    # them (any split summing to one is a valid subgradient: this one is JAX's, and symmetric).
+    is_max = (v["logits"] == v["logit_maxes"]).astype(v["logits"].dtype)
+    counts = jnp.sum(is_max, axis=1, keepdims=True)
+    g["logits"] = g["norm_logits"] + (g["logit_maxes"] / counts) * is_max
     # logits = h @ W2 + b2
     g["h"] = g["logits"] @ params["W2"].T
     g["W2"] = v["h"].T @ g["logits"]
     g["b2"] = jnp.sum(g["logits"], axis=0)
-    # h = tanh(hpreact): tanh' = 1 - h^2 = (1 - h)(1 + h). With u = dh (1 - h) this is u + u h:
-    # no cancellation in 1 - h^2 as |h| -> 1, and the very order JAX's tanh rule rounds in.
+    # h = tanh(hpreact): tanh' = 1 - h^2 = (1 - h)(1 + h). Written with u = dh (1 - h) as u + u h,
+    # the order in which JAX's own tanh rule rounds, so that the two agree bit for bit. (Near
+    # h = +1 it also avoids the cancellation in 1 - h^2; near h = -1 the cancellation moves into
+    # 1 + h, so this order is chosen for agreement, not for accuracy.)
     u = g["h"] * (1.0 - v["h"])
     g["hpreact"] = u + u * v["h"]
     # hpreact = bngain * bnraw + bnbias: gain and bias (1, H) were broadcast over rows.
@@ -169,22 +159,17 @@ def fused_backward(params: Params, X: jax.Array, Y: jax.Array) -> FusedGrads:
         dC  = scatter-add of (dhprebn W1^T) into the rows X selected
     """
     n = X.shape[0]
-    check_batch_size(n)
+    v: dict[str, jax.Array] = {}
+
+    def record(name: str, value: jax.Array) -> jax.Array:
+        v[name] = value
+        return value
+
+    loss = model.forward(params, X, Y, rules="autodiff", tap=record)  # the training forward, taps recorded
     C, W1, W2, gain = params["C"], params["W1"], params["W2"], params["bngain"]
-    embcat = C[X].reshape(n, -1)
-    hprebn = embcat @ W1 + params["b1"]
-    diff = hprebn - jnp.mean(hprebn, axis=0, keepdims=True)
-    inv_std = jax.lax.rsqrt(jnp.sum(diff * diff, axis=0, keepdims=True) / (n - 1) + BN_EPS)
-    x_hat = diff * inv_std
-    h = jnp.tanh(gain * x_hat + params["bnbias"])
-    logits = h @ W2 + params["b2"]
+    embcat, x_hat, inv_std, h, logits = (v[k] for k in ("embcat", "bnraw", "bnvar_inv", "h", "logits"))
 
-    shifted = logits - jnp.max(logits, axis=1, keepdims=True)
-    counts = jnp.exp(shifted)
-    counts_sum = jnp.sum(counts, axis=1, keepdims=True)
-    loss = jnp.mean(jnp.log(counts_sum[:, 0]) - jnp.take_along_axis(shifted, Y[:, None], axis=1)[:, 0])
-
-    dlogits = (counts / counts_sum - jax.nn.one_hot(Y, logits.shape[1], dtype=logits.dtype)) / n
+    dlogits = (jax.nn.softmax(logits, axis=1) - jax.nn.one_hot(Y, logits.shape[1], dtype=logits.dtype)) / n
     dhpreact = (1.0 - h * h) * (dlogits @ W2.T)
     dbnbias = jnp.sum(dhpreact, axis=0, keepdims=True)
     dbngain = jnp.sum(dhpreact * x_hat, axis=0, keepdims=True)

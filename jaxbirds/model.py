@@ -8,10 +8,19 @@ Parameters are a plain ``dict`` of arrays (a pytree), keyed by the tutorial's
 names. Batch norm runs in training mode (statistics of the batch) unless
 calibrated statistics are passed, as after training.
 
-``rules`` picks how the two non-trivial operations are written:
-``"jax"`` uses :mod:`jaxbirds.ops` (JAX derives their gradients),
-``"custom_vjp"`` uses :mod:`jaxbirds.vjp` (our hand-written rules). The value is
-the same either way; only the backward pass differs.
+:func:`forward` is the one definition of the forward pass: training, evaluation,
+sampling, both manual backward passes and the gradient checker all run it.
+``rules`` picks how its two non-trivial operations are written; the value is
+the same every way, only the way to the gradient differs:
+
+* ``"autodiff"``   - :mod:`jaxbirds.ops` (``batch_norm``, ``cross_entropy``); JAX derives the backward pass;
+* ``"custom_vjp"`` - :mod:`jaxbirds.vjp`, whose backward passes are written by hand;
+* ``"tutorial"``   - the tutorial's atomic steps (``bnmeani`` ... ``logprobs``), for the atomic manual pass.
+
+A ``tap(name, value) -> value`` hook sees every named intermediate as it is
+computed (``emb``, ``embcat``, ``hprebn``, the rule set's own, ``hpreact``, ``h``,
+``logits``): :mod:`jaxbirds.manual` records them, :mod:`jaxbirds.gradcheck` adds
+a zero to each and differentiates with respect to it.
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxbirds import ops, vjp
+from jaxbirds.errors import ConfigError
+from jaxbirds.ops import Tap, no_tap
 
 Params = dict[str, jax.Array]
-Rules = Literal["jax", "custom_vjp"]
+Rules = Literal["autodiff", "custom_vjp", "tutorial"]
+RULES: tuple[str, ...] = ("autodiff", "custom_vjp", "tutorial")
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 
 
@@ -45,7 +57,7 @@ class ModelConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
 
     @property
     def fan_in(self) -> int:
@@ -85,10 +97,23 @@ def init_params(key: jax.Array, config: ModelConfig, dtype=jnp.float32) -> Param
     sizes = [math.prod(shapes[name]) for name in PARAM_NAMES]
     flat = jax.random.normal(key, (sum(sizes),), dtype)
     pieces = jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
-    scale = {"C": 1.0, "W1": (5 / 3) / config.fan_in**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1, "bngain": 0.1, "bnbias": 0.1}
-    params = {name: piece.reshape(shapes[name]) * scale[name] for name, piece in zip(PARAM_NAMES, pieces)}
+    scale = {
+        "C": 1.0,
+        "W1": (5 / 3) / config.fan_in**0.5,
+        "b1": 0.1,
+        "W2": 0.1,
+        "b2": 0.1,
+        "bngain": 0.1,
+        "bnbias": 0.1,
+    }
+    params = {name: piece.reshape(shapes[name]) * scale[name] for name, piece in zip(PARAM_NAMES, pieces, strict=True)}
     params["bngain"] = params["bngain"] + 1.0
     return params
+
+
+def param_count_for(config: ModelConfig) -> int:
+    """Parameters of a model of this shape, without making it."""
+    return sum(math.prod(shape) for shape in param_shapes(config).values())
 
 
 def param_count(params: Params) -> int:
@@ -99,59 +124,73 @@ def check_params(params: Params, config: ModelConfig) -> None:
     """Raise if ``params`` is not exactly the parameter set ``config`` implies."""
     expected = param_shapes(config)
     if set(params) != set(expected):
-        raise ValueError(f"parameters {sorted(params)} do not match the model's {sorted(expected)}")
+        raise ConfigError(f"parameters {sorted(params)} do not match the model's {sorted(expected)}")
     for name, shape in expected.items():
         if tuple(params[name].shape) != shape:
-            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, the model needs {shape}")
+            raise ConfigError(f"parameter {name} has shape {tuple(params[name].shape)}, the model needs {shape}")
 
 
-def hidden_preactivation(params: Params, X: jax.Array) -> jax.Array:
+def hidden_preactivation(params: Params, X: jax.Array, tap: Tap = no_tap) -> jax.Array:
     """``hprebn = concat(C[X]) @ W1 + b1``: the input of batch norm, (N, H)."""
     C, W1 = params["C"], params["W1"]
     chex.assert_rank(X, 2)
-    emb = C[X]
+    emb = tap("emb", C[X])
     chex.assert_shape(emb, (X.shape[0], X.shape[1], C.shape[1]))
-    embcat = emb.reshape(X.shape[0], -1)
+    embcat = tap("embcat", emb.reshape(X.shape[0], -1))
     chex.assert_shape(embcat, (X.shape[0], W1.shape[0]))
-    hprebn = embcat @ W1 + params["b1"]
+    hprebn = tap("hprebn", embcat @ W1 + params["b1"])
     chex.assert_shape(hprebn, (X.shape[0], W1.shape[1]))
     return hprebn
 
 
-def logits(params: Params, X: jax.Array, stats: BatchNormStats | None = None, rules: Rules = "jax") -> jax.Array:
-    """Forward pass to the logits, (N, V).
+def forward(
+    params: Params,
+    X: jax.Array,
+    Y: jax.Array | None = None,
+    *,
+    stats: BatchNormStats | None = None,
+    rules: Rules = "autodiff",
+    tap: Tap = no_tap,
+) -> jax.Array:
+    """The forward pass: the mean cross-entropy of the targets ``Y`` (N,), or the logits (N, V) if ``Y`` is None.
 
     With ``stats=None`` batch norm uses the batch's own mean and unbiased
     variance (training mode); otherwise the given calibrated statistics.
     """
-    hprebn = hidden_preactivation(params, X)
+    if rules not in RULES:
+        raise ConfigError(f"unknown rules {rules!r}: use one of {RULES}")
+    hprebn = hidden_preactivation(params, X, tap)
     gain, bias = params["bngain"], params["bnbias"]
     if stats is not None:
         hpreact = ops.batch_norm_eval(hprebn, gain, bias, stats.mean, stats.var)
     elif rules == "custom_vjp":
         hpreact = vjp.batch_norm(hprebn, gain, bias)
-    elif rules == "jax":
-        hpreact = ops.batch_norm(hprebn, gain, bias)
+    elif rules == "tutorial":
+        hpreact = ops.batch_norm_steps(hprebn, gain, bias, tap=tap)
     else:
-        raise ValueError(f"unknown rules {rules!r}: use 'jax' or 'custom_vjp'")
+        hpreact = ops.batch_norm(hprebn, gain, bias, tap=tap)
+    hpreact = tap("hpreact", hpreact)
     chex.assert_equal_shape([hpreact, hprebn])
-    h = jnp.tanh(hpreact)
-    out = h @ params["W2"] + params["b2"]
-    chex.assert_shape(out, (X.shape[0], params["W2"].shape[1]))
-    return out
+    h = tap("h", jnp.tanh(hpreact))
+    logits = tap("logits", h @ params["W2"] + params["b2"])
+    chex.assert_shape(logits, (X.shape[0], params["W2"].shape[1]))
+    if Y is None:
+        return logits
+    chex.assert_shape(Y, (X.shape[0],))
+    if rules == "custom_vjp":
+        return vjp.cross_entropy(logits, Y)
+    if rules == "tutorial":
+        return ops.cross_entropy_steps(logits, Y, tap)
+    return ops.cross_entropy(logits, Y)
+
+
+def logits(params: Params, X: jax.Array, stats: BatchNormStats | None = None, rules: Rules = "autodiff") -> jax.Array:
+    """Logits (N, V): :func:`forward` without targets."""
+    return forward(params, X, stats=stats, rules=rules)
 
 
 def loss(
-    params: Params, X: jax.Array, Y: jax.Array, stats: BatchNormStats | None = None, rules: Rules = "jax"
+    params: Params, X: jax.Array, Y: jax.Array, stats: BatchNormStats | None = None, rules: Rules = "autodiff"
 ) -> jax.Array:
-    """Mean cross-entropy of the next-character targets ``Y`` (N,)."""
-    chex.assert_shape(Y, (X.shape[0],))
-    out = logits(params, X, stats, rules)
-    if rules == "custom_vjp":
-        return vjp.cross_entropy(out, Y)
-    return ops.cross_entropy(out, Y)
-
-
-def calibrate(params: Params, X: jax.Array) -> BatchNormStats:
-    """Batch-norm statistics over a whole split (the tutorial's post-training step)."""
-    return BatchNormStats(*ops.batch_stats(hidden_preactivation(params, X)))
+    """Mean cross-entropy of the next-character targets ``Y`` (N,): :func:`forward` with targets."""
+    return forward(params, X, Y, stats=stats, rules=rules)
