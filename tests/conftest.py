@@ -29,3 +29,12 @@ def batch(dataset):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True)
+def full_precision_matmuls():
+    """Pin float32 matrix products to full precision in every test. On NVIDIA GPUs JAX may run them
+    in TF32 (10-bit mantissas) by default, and every gradient comparison would then measure TF32's
+    rounding instead of the rules under test. (A no-op on CPUs, which have no TF32.)"""
+    with jax.default_matmul_precision("highest"):
+        yield

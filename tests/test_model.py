@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbirds import model
+from jaxbirds import evaluate, model
 
 
 @pytest.mark.parametrize("hidden, count", [(64, 4_287), (200, 12_719)])
@@ -53,7 +53,7 @@ def test_initial_loss_is_near_uniform(small_config, key, batch):
     assert abs(loss - math.log(29)) < 0.5
 
 
-@pytest.mark.parametrize("rules", ["jax", "custom_vjp"])
+@pytest.mark.parametrize("rules", model.RULES)
 def test_forward_shapes_and_finite_values(small_config, key, batch, rules):
     params = model.init_params(key, small_config)
     logits = model.logits(params, batch[0], rules=rules)
@@ -61,16 +61,22 @@ def test_forward_shapes_and_finite_values(small_config, key, batch, rules):
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_both_rule_sets_give_the_same_loss(small_config, key, batch):
+@pytest.mark.parametrize("rules", ["custom_vjp", "tutorial"])
+def test_every_rule_set_gives_the_same_loss(small_config, key, batch, rules):
     params = model.init_params(key, small_config)
-    assert float(model.loss(params, *batch, rules="jax")) == pytest.approx(
-        float(model.loss(params, *batch, rules="custom_vjp")), rel=1e-6
+    assert float(model.loss(params, *batch, rules=rules)) == pytest.approx(
+        float(model.loss(params, *batch, rules="autodiff")), rel=1e-6
     )
+
+
+def test_unknown_rules_are_refused(small_config, key, batch):
+    with pytest.raises(ValueError, match="unknown rules"):
+        model.loss(model.init_params(key, small_config), *batch, rules="jax")
 
 
 def test_evaluation_mode_with_the_batchs_own_statistics_equals_training_mode(small_config, key, batch):
     params = model.init_params(key, small_config)
-    stats = model.calibrate(params, batch[0])
+    stats = evaluate.calibrate(params, batch[0])
     np.testing.assert_allclose(
         model.logits(params, batch[0], stats=stats), model.logits(params, batch[0]), rtol=1e-5, atol=1e-6
     )
@@ -79,7 +85,7 @@ def test_evaluation_mode_with_the_batchs_own_statistics_equals_training_mode(sma
 def test_evaluation_mode_is_per_example(small_config, key, batch):
     """With fixed statistics, one example's logits do not depend on the rest of the batch."""
     params = model.init_params(key, small_config)
-    stats = model.calibrate(params, batch[0])
+    stats = evaluate.calibrate(params, batch[0])
     full = model.logits(params, batch[0], stats=stats)
     single = model.logits(params, batch[0][:1], stats=stats)
     np.testing.assert_allclose(full[:1], single, rtol=1e-5, atol=1e-6)
