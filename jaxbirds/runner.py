@@ -1,30 +1,39 @@
 """A training run on disk: what ``scripts/train.py`` does, as a library function.
 
-Train in compiled chunks, writing a checkpoint after every chunk (so a crash or
-Ctrl-C loses at most one chunk), then calibrate batch norm, evaluate every
-split, sample names, and write ``metrics.json`` and ``loss.png``.
+Train in compiled chunks, saving a checkpoint after every chunk on a background
+thread (so a crash or Ctrl-C loses at most one chunk, and the device never
+waits for the disk), then calibrate batch norm, evaluate every split, sample
+names, and write ``metrics.json`` and ``loss.png``.
 
 Files in the output directory:
 
-* ``checkpoint.npz`` - see :mod:`jaxbirds.checkpoint`;
-* ``metrics.json``   - configs, split losses, timings, samples and the per-step loss history;
+* ``checkpoint.npz`` - the state, see :mod:`jaxbirds.checkpoint`;
+* ``losses.f32``     - the loss of every step, appended chunk by chunk;
+* ``metrics.json``   - configs, split losses, timings, samples and the per-step loss history
+  (strict JSON: a value that does not exist, such as the loss of an empty split, is ``null``);
 * ``loss.png``       - log10 training loss, averaged over windows of 1,000 steps.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import math
+import os
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import jax
 import numpy as np
 
-from jaxbirds import checkpoint, model, plots, sample, train
-from jaxbirds.checkpoint import Checkpoint
+from jaxbirds import checkpoint, evaluate, model, plots, sample, train
+from jaxbirds.checkpoint import Checkpoint, LossLog
 from jaxbirds.data import Dataset
+from jaxbirds.errors import OutputError
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.json"
@@ -49,6 +58,56 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def check_writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove a file can be written in it; :class:`OutputError` otherwise.
+
+    Called before any work starts, so a typo in an output path costs nothing.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write into {path}: {err.strerror or err}") from None
+    return path
+
+
+def check_writable_file(path: Path) -> Path:
+    """Like :func:`check_writable_dir` for a file to be written later: its directory must
+    take a file, and the path itself must not be a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name")
+    check_writable_dir(path.parent)
+    return path
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over a saved one unless asked to; check ``out`` can be written."""
+    saved = Path(out) / CHECKPOINT
+    if not resume and saved.exists() and not overwrite:
+        raise OutputError(
+            f"{out} already holds a saved run ({saved}); pass --resume to continue it, "
+            "--overwrite to replace it, or another --out"
+        )
+    check_writable_dir(out)
+
+
+def finite_or_none(value):
+    """JSON has no NaN or infinity: a value that is not a finite number becomes null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def run(
     dataset: Dataset,
     start: Checkpoint,
@@ -56,40 +115,58 @@ def run(
     should_stop: Callable[[], bool] = lambda: False,
     log: TextIO | None = None,
 ) -> int:
-    """Train ``start`` to its configured step count and evaluate; returns an exit code."""
+    """Train ``start`` to its configured step count and evaluate; returns an exit code.
+
+    A ``start`` at step 0 begins a new loss history; a later one continues the
+    history saved beside its checkpoint.
+    """
     say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
+    if options.plot:
+        plots.require()
     t_start = time.perf_counter()
     ckpt_path = options.out / CHECKPOINT
     tc = start.train_config
-
-    def save(state: train.TrainState, losses: np.ndarray, stats=None) -> None:
-        checkpoint.save(ckpt_path, start._replace(state=state, losses=losses, stats=stats))
-
+    loss_log = LossLog(options.out / checkpoint.LOSS_LOG)
+    history = loss_log.read(start.state.step)
+    loss_log.truncate(start.state.step)  # drop entries of a chunk whose checkpoint never landed
+    writer = checkpoint.Writer(ckpt_path, loss_log)
+    recent = collections.deque(maxlen=options.log_every)
     next_log = [start.state.step + options.log_every]
 
-    def on_chunk(progress: train.Progress, state: train.TrainState, losses: np.ndarray) -> None:
-        save(state, losses)
+    def on_chunk(progress: train.Progress, state: train.TrainState, chunk_losses: np.ndarray) -> None:
+        writer.submit(start._replace(state=state, stats=None), chunk_losses)
+        recent.extend(chunk_losses)
         if progress.step >= next_log[0] or progress.step == progress.total:
             next_log[0] = (progress.step // options.log_every + 1) * options.log_every
             say(
-                f"step {progress.step:>9,}/{progress.total:,}  "
-                f"loss {float(np.mean(losses[-options.log_every:])):.4f}  "
+                f"step {progress.step:>9,}/{progress.total:,}  loss {float(np.mean(recent)):.4f}  "
                 f"{progress.steps_per_second:>8,.0f} steps/s  ETA {format_seconds(progress.eta_seconds)}"
             )
 
-    result = train.train(
-        dataset.train.X, dataset.train.Y, tc, start.state, start.losses, on_chunk=on_chunk, should_stop=should_stop
-    )
-    save(result.state, result.losses)
+    try:
+        result = train.train(
+            dataset.train.X, dataset.train.Y, tc, start.state, history, on_chunk=on_chunk, should_stop=should_stop
+        )
+    finally:
+        t_wait = time.perf_counter()
+        writer.close()
+        wait_seconds = time.perf_counter() - t_wait
+    if result.diverged_at is not None:  # save the last state with a finite loss, and its history
+        checkpoint.save(ckpt_path, start._replace(state=result.state, stats=None))
+        loss_log.truncate(start.state.step)
+        loss_log.append(result.losses[start.state.step :])
     trained = result.state.step - start.state.step
     rate = trained / result.train_seconds if result.train_seconds > 0 else float("nan")
-    say(f"trained {trained:,} steps in {result.train_seconds:.1f} s ({rate:,.0f} steps/s; "
-        f"compile {result.compile_seconds:.1f} s)")
+    say(
+        f"trained {trained:,} steps in {result.train_seconds:.1f} s ({rate:,.0f} steps/s; "
+        f"compile {result.compile_seconds:.1f} s; saving {writer.seconds:.1f} s in the background, "
+        f"{wait_seconds:.2f} s waited for)"
+    )
     if result.diverged_at is not None:
         say(
-            f"error: the loss became non-finite at step {result.diverged_at:,}. The last finite state "
-            f"(step {result.state.step:,}) is saved in {ckpt_path}. Try a lower learning rate "
-            f"(--lr {tc.learning_rate / 10:g}) or the adam optimiser."
+            f"error: the loss became non-finite at step {result.diverged_at:,}. The last state with a finite loss "
+            f"(step {result.state.step:,}) is saved in {ckpt_path}. Continue from it with a lower learning rate:\n"
+            f"  python scripts/train.py --resume --out {options.out} --lr {tc.learning_rate / 10:g}"
         )
         return DIVERGED
     if result.stopped:
@@ -97,19 +174,25 @@ def run(
         return INTERRUPTED
 
     params = result.state.params
-    stats = train.calibrate(params, dataset.train.X)
-    split_losses = {name: train.evaluate(params, stats, s.X, s.Y) for name, s in dataset.splits.items()}
-    save(result.state, result.losses, stats)
-    say("loss (batch norm calibrated on the train split): " + "  ".join(f"{k} {v:.4f}" for k, v in split_losses.items()))
+    t0 = time.perf_counter()
+    stats = evaluate.calibrate(params, dataset.train.X)
+    split_losses = {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in dataset.splits.items()}
+    eval_seconds = time.perf_counter() - t0
+    final = start._replace(state=jax.device_get(result.state), stats=stats)
+    checkpoint.save(ckpt_path, final)
+    say(
+        "loss (batch norm calibrated on the train split): "
+        + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in split_losses.items())
+    )
 
     samples = sample.sample_names(
-        jax.random.fold_in(train.keys_for(tc.seed).init, 1), params, stats, dataset.vocab,
+        train.keys_for(tc.seed).sample, params, stats, dataset.vocab,
         start.model_config.context_size, count=max(options.samples, 1),
     )  # fmt: skip
     memorised = samples.memorised_share(dataset.train.names)
     if options.samples:
         say(f"samples ({memorised:.0%} are names from the training split):")
-        for name, finished in zip(samples.names[: options.samples], samples.finished):
+        for name, finished in zip(samples.names, samples.finished[: options.samples], strict=False):
             say(f"  {name}" + ("" if finished else " ..."))
 
     metrics = {
@@ -117,12 +200,16 @@ def run(
         "train_config": dataclasses.asdict(tc),
         "parameters": model.param_count(params),
         "dataset": {name: len(s) for name, s in dataset.splits.items()},
+        "data": {"path": dataset.source, "sha256": dataset.sha256},
         "step": result.state.step,
         "loss": split_losses,
         "timing": {
             "compile_seconds": result.compile_seconds,
             "train_seconds": result.train_seconds,
             "steps_per_second": rate,
+            "checkpoint_write_seconds": writer.seconds,
+            "checkpoint_wait_seconds": wait_seconds,
+            "evaluation_seconds": eval_seconds,
             "device": str(jax.devices()[0].device_kind),
             "jax_version": jax.__version__,
         },
@@ -134,6 +221,9 @@ def run(
         path = plots.loss_curve(result.losses, options.out / LOSS_PLOT, title=f"training loss ({tc.grad_mode})")
         say(f"wrote {path}")
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
-    (options.out / METRICS).write_text(json.dumps(metrics, indent=1))
+    text = json.dumps(finite_or_none(metrics), indent=1, allow_nan=False)
+    tmp = options.out / f".{METRICS}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, options.out / METRICS)
     say(f"wrote {ckpt_path} and {options.out / METRICS} in {format_seconds(metrics['timing']['total_seconds'])}")
     return OK

@@ -13,14 +13,16 @@ mode, so each name is independent of the others in the batch).
 from __future__ import annotations
 
 import functools
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbirds import model
+from jaxbirds import memory, model
 from jaxbirds.data import Vocabulary
+from jaxbirds.errors import ConfigError
 from jaxbirds.model import BatchNormStats, Params
 
 
@@ -60,7 +62,7 @@ class Samples(NamedTuple):
     def memorised_share(self, training_names: Iterable[str]) -> float:
         """Share of the finished samples that are real names from the training split."""
         known = set(training_names)
-        finished = [name for name, ok in zip(self.names, self.finished) if ok]
+        finished = [name for name, ok in zip(self.names, self.finished, strict=True) if ok]
         return sum(name in known for name in finished) / len(finished) if finished else 0.0
 
 
@@ -84,11 +86,23 @@ def sample_names(
     temperature: float = 1.0,
     max_length: int = 50,
 ) -> Samples:
-    """Generate ``count`` names. ``temperature`` must be positive; ``max_length`` bounds each name."""
+    """Generate ``count`` names. ``temperature`` must be positive; ``max_length`` bounds each name.
+
+    All names are drawn at once, so ``count`` is checked against the memory
+    budget first (per name: its ids, a context, and one row of hidden and output
+    activations per position in flight).
+    """
     if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
+        raise ConfigError(f"temperature must be a positive number, got {temperature}")
     if count < 1 or max_length < 1:
-        raise ValueError(f"count and max_length must be >= 1, got {count} and {max_length}")
+        raise ConfigError(f"count and max_length must be >= 1, got {count} and {max_length}")
+    itemsize = params["W1"].dtype.itemsize
+    per_name = 4 * (max_length + context_size) + 4 * itemsize * (params["W1"].shape[1] + params["W2"].shape[1])
+    memory.require(
+        count * per_name,
+        f"sampling {count:,} names of up to {max_length:,} characters",
+        "ask for fewer names (--count) or shorter ones (--max-length)",
+    )
     ids = sample_ids(
         key, params, stats, jnp.asarray(temperature, params["W1"].dtype),
         count=count, max_length=max_length, context_size=context_size,

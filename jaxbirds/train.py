@@ -11,10 +11,15 @@ depends only on the seed and the step number, never on how the run was cut
 into chunks or resumed. That is what makes a resumed run bit-identical to an
 uninterrupted one.
 
+One program serves a whole run: a chunk takes its first step and a ``stop``
+step as arguments and leaves the state unchanged past ``stop``, so the last,
+shorter chunk of a run, a replay after divergence, another seed or another
+step count all reuse the executable (see :func:`compiled_chunk`).
+
 Gradient modes (``TrainConfig.grad_mode``):
 
-* ``autodiff``   - ``jax.value_and_grad`` of the plain model (:mod:`jaxbirds.ops`);
-* ``custom_vjp`` - ``jax.value_and_grad`` of the model built on :mod:`jaxbirds.vjp`;
+* ``autodiff``   - ``jax.value_and_grad`` of the model with the plain rules (:mod:`jaxbirds.ops`);
+* ``custom_vjp`` - ``jax.value_and_grad`` of the model with the hand-written rules (:mod:`jaxbirds.vjp`);
 * ``manual``     - :func:`jaxbirds.manual.fused_backward`; no ``jax.grad`` at all.
 
 All three hand their gradients to the same optax optimiser.
@@ -25,20 +30,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbirds import manual, model
-from jaxbirds.model import BatchNormStats, ModelConfig, Params
+from jaxbirds import manual, memory, model
+from jaxbirds.errors import ConfigError
+from jaxbirds.model import ModelConfig, Params
 from jaxbirds.ops import check_batch_size
 
-GradMode = Literal["autodiff", "custom_vjp", "manual"]
 GRAD_MODES: tuple[str, ...] = ("autodiff", "custom_vjp", "manual")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+#: Seeds are 32-bit: ``jax.random.key`` folds larger ones onto smaller ones without 64-bit mode.
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +75,10 @@ class TrainConfig:
             problems.append(f"steps must be a positive integer, got {self.steps!r}")
         try:
             check_batch_size(self.batch_size)
-        except ValueError as err:
+        except ConfigError as err:
             problems.append(f"batch_size: {err}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            problems.append(f"seed must be an integer from 0 to {SEED_LIMIT - 1:,}, got {self.seed!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -82,7 +92,7 @@ class TrainConfig:
         if self.chunk_size < 1 or self.unroll < 1:
             problems.append(f"chunk_size and unroll must be >= 1, got {self.chunk_size}, {self.unroll}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     def schedule(self) -> optax.Schedule:
         return optax.piecewise_constant_schedule(self.learning_rate, {self.decay_step: self.decay_factor})
@@ -90,6 +100,12 @@ class TrainConfig:
     def make_optimizer(self) -> optax.GradientTransformation:
         make = {"sgd": optax.sgd, "adam": optax.adam}[self.optimizer]
         return make(self.schedule())
+
+
+#: The fields the compiled training program depends on. The others (``steps``,
+#: ``seed``, ``chunk_size``) enter as arguments or loop bounds: changing them
+#: reuses the executable.
+PROGRAM_FIELDS = ("batch_size", "optimizer", "learning_rate", "decay_step", "decay_factor", "grad_mode", "unroll")
 
 
 class TrainState(NamedTuple):
@@ -100,27 +116,45 @@ class TrainState(NamedTuple):
     step: int
 
 
+def check_fits(model_config: ModelConfig, train_config: TrainConfig, dtype=jnp.float32, budget: int | None = None):
+    """Refuse, before anything is allocated, a model whose state cannot fit the memory budget.
+
+    Counted: parameters, gradients and updates, the optimiser's slots (adam keeps
+    two per parameter), and a copy of the parameters while they are initialised.
+    The training program itself is checked by XLA's memory analysis in :func:`train`.
+    """
+    slots = {"sgd": 0, "adam": 2}[train_config.optimizer]
+    n = model.param_count_for(model_config)
+    memory.require(
+        n * jnp.dtype(dtype).itemsize * (4 + slots),
+        f"a model of {n:,} parameters, with its gradients and {train_config.optimizer} state",
+        "use a smaller --hidden or --embedding",
+        budget,
+    )
+
+
 def init_state(model_config: ModelConfig, train_config: TrainConfig, dtype=jnp.float32) -> TrainState:
     params = model.init_params(keys_for(train_config.seed).init, model_config, dtype)
     return TrainState(params, train_config.make_optimizer().init(params), 0)
 
 
 class Keys(NamedTuple):
-    init: jax.Array
-    data: jax.Array
+    """One independent random stream per purpose, all from the run's seed."""
+
+    init: jax.Array  # parameter initialisation
+    data: jax.Array  # minibatch sampling: step t uses fold_in(data, t)
+    sample: jax.Array  # the names sampled at the end of a run
 
 
 def keys_for(seed: int) -> Keys:
-    """The seed's two independent streams: parameter initialisation and minibatch sampling."""
-    return Keys(*jax.random.split(jax.random.key(seed)))
+    """The seed's three independent streams (one ``split``, never a key used twice)."""
+    return Keys(*jax.random.split(jax.random.key(seed), 3))
 
 
 def loss_and_grads_fn(grad_mode: str) -> Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, Params]]:
     """``(params, X, Y) -> (loss, grads)`` for one of the three gradient modes."""
-    if grad_mode == "autodiff":
-        return jax.value_and_grad(functools.partial(model.loss, rules="jax"))
-    if grad_mode == "custom_vjp":
-        return jax.value_and_grad(functools.partial(model.loss, rules="custom_vjp"))
+    if grad_mode in ("autodiff", "custom_vjp"):
+        return jax.value_and_grad(functools.partial(model.loss, rules=grad_mode))
     if grad_mode == "manual":
 
         def manual_loss_and_grads(params, X, Y):
@@ -128,7 +162,7 @@ def loss_and_grads_fn(grad_mode: str) -> Callable[[Params, jax.Array, jax.Array]
             return result.loss, result.grads
 
         return manual_loss_and_grads
-    raise ValueError(f"unknown gradient mode {grad_mode!r}; choose from {GRAD_MODES}")
+    raise ConfigError(f"unknown gradient mode {grad_mode!r}; choose from {GRAD_MODES}")
 
 
 def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int, n_examples: int) -> jax.Array:
@@ -138,31 +172,42 @@ def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int,
     and ``t`` alone. Drawing all steps' indices at once (vectorised over steps)
     keeps the random-number work off the sequential scan.
     """
-    draw = lambda t: jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n_examples)
+
+    def draw(t):
+        return jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n_examples)
+
     return jax.vmap(draw)(steps)
 
 
 def chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
     """The unit of training, not yet jitted: ``length`` SGD steps fused with ``lax.scan``.
 
-    ``chunk(params, opt_state, start, X, Y, data_key) -> (params, opt_state, losses)``
-    with ``losses`` of shape ``(length,)``. ``loss_and_grads`` replaces the gradient
-    mode's function (the benchmarks time other passes with it). Pure, so it can be
-    transformed further (the benchmarks ``vmap`` it over many models).
+    ``chunk(params, opt_state, start, stop, X, Y, data_key) -> (params, opt_state, losses)``
+    runs steps ``start .. start + length - 1``; a step ``t >= stop`` computes but
+    changes nothing (its loss is returned, and meaningless), so one program
+    serves chunks of any length up to ``length``. ``losses`` has shape
+    ``(length,)``. ``loss_and_grads`` replaces the gradient mode's function (the
+    benchmarks time other passes with it). Pure, so it can be transformed
+    further (the benchmarks ``vmap`` it over many models).
     """
     optimizer = train_config.make_optimizer()
     loss_and_grads = loss_and_grads or loss_and_grads_fn(train_config.grad_mode)
 
     def sgd_step(carry, batch):
-        params, opt_state = carry
-        loss, grads = loss_and_grads(params, *batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        params, opt_state, stop = carry
+        t, Xb, Yb = batch
+        loss, grads = loss_and_grads(params, Xb, Yb)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new = (optax.apply_updates(params, updates), new_opt_state)
+        params, opt_state = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, (params, opt_state))
+        return (params, opt_state, stop), loss
 
-    def chunk(params, opt_state, start, X, Y, data_key):
-        rows = sample_batch_indices(data_key, start + jnp.arange(length), train_config.batch_size, X.shape[0])
-        batches = (X[rows], Y[rows])  # every step's examples, gathered at once before the loop
-        (params, opt_state), losses = jax.lax.scan(sgd_step, (params, opt_state), batches, unroll=train_config.unroll)
+    def chunk(params, opt_state, start, stop, X, Y, data_key):
+        steps = start + jnp.arange(length)
+        rows = sample_batch_indices(data_key, steps, train_config.batch_size, X.shape[0])
+        batches = (steps, X[rows], Y[rows])  # every step's examples, gathered at once before the loop
+        carry = (params, opt_state, stop)
+        (params, opt_state, _), losses = jax.lax.scan(sgd_step, carry, batches, unroll=train_config.unroll)
         return params, opt_state, losses
 
     return chunk
@@ -171,7 +216,7 @@ def chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | 
 def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
     """:func:`chunk_fn` jitted with the parameter and optimiser buffers donated.
 
-    :func:`train` compiles it once per chunk length, ahead of time, and calls the
+    :func:`train` compiles it once per run, ahead of time, and calls the
     compiled executable, which cannot retrace: a call with other shapes or dtypes
     is an error, not a silent recompile.
     """
@@ -184,15 +229,23 @@ _COMPILED: dict[tuple, Callable] = {}
 def compiled_chunk(train_config: TrainConfig, length: int, *args) -> Callable:
     """:func:`make_chunk_fn` compiled ahead of time for ``args``' shapes and dtypes, memoised.
 
-    The key is the config, the length and the abstract arguments (shapes, dtypes,
-    tree structure), so a second run, or a resumed one, in the same process
-    reuses the executable instead of compiling it again.
+    The key holds only what the program depends on: :data:`PROGRAM_FIELDS`, the
+    chunk length and the abstract arguments (shapes, dtypes, tree structure). A
+    second run in the same process with another seed or step count, or a
+    resumed one, reuses the executable instead of compiling it again.
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    key = (train_config, length, treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+    program = tuple(getattr(train_config, name) for name in PROGRAM_FIELDS)
+    key = (program, length, treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
     if key not in _COMPILED:
         _COMPILED[key] = make_chunk_fn(train_config, length).lower(*args).compile()
     return _COMPILED[key]
+
+
+def host_copy(tree):
+    """A NumPy copy of every leaf. A copy, not a view: a view would keep the device buffer
+    alive and stop it from being donated to the next chunk."""
+    return jax.tree.map(lambda leaf: np.array(leaf, copy=True), tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +260,7 @@ class Progress:
 
 
 class TrainResult(NamedTuple):
-    state: TrainState  # the last state whose losses were all finite
+    state: TrainState  # the final state; after divergence, the last state whose own loss is finite
     losses: np.ndarray  # the loss of every completed step, from step 0
     compile_seconds: float
     train_seconds: float  # time in compiled chunks, compile excluded
@@ -223,123 +276,83 @@ def train(
     losses_so_far: np.ndarray | None = None,
     on_chunk: Callable[[Progress, TrainState, np.ndarray], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    memory_budget: int | None = None,
 ) -> TrainResult:
     """Run ``state`` forward to ``train_config.steps`` in compiled chunks.
 
-    ``on_chunk(progress, state, losses)`` is called after every chunk (for
+    ``on_chunk(progress, state, chunk_losses)`` is called after every chunk with
+    a host (NumPy) copy of the state and the losses of that chunk's steps (for
     logging and checkpoints); ``should_stop()`` is polled after every chunk.
-    If a chunk produces a non-finite loss, training stops and the state from
-    before that chunk is returned with ``diverged_at`` set.
 
-    The parameter and optimiser buffers of ``state`` are donated to the first
-    chunk: use the returned state afterwards, not the one passed in.
+    If a step's loss is not finite, training stops. The state returned is then
+    the last one whose own loss is finite: the state one step before the bad
+    one, rebuilt by replaying from the start of its chunk (batches depend only
+    on the seed and the step, so the replay retraces the same path).
+
+    The compiled program is checked against ``memory_budget`` (default: see
+    :mod:`jaxbirds.memory`) before it first runs. The parameter and optimiser
+    buffers of ``state`` are donated to the first chunk: use the returned state
+    afterwards, not the one passed in.
     """
     if len(Y) < 1:
-        raise ValueError("there are no training examples")
+        raise ConfigError("there are no training examples")
+    tc = train_config
     X, Y = jnp.asarray(X), jnp.asarray(Y)
-    data_key = keys_for(train_config.seed).data
+    data_key = keys_for(tc.seed).data
     previous = np.zeros(0, np.float32) if losses_so_far is None else np.asarray(losses_so_far, np.float32)
     losses = [previous[: state.step]]
-    compile_seconds = train_seconds = 0.0
-    # A host copy of the last finite state: the device copy is donated to the next chunk.
-    last_good = jax.device_get(state)
+    length = min(tc.chunk_size, tc.steps)
     params, opt_state, step = state
 
-    while step < train_config.steps:
-        length = min(train_config.chunk_size, train_config.steps - step)
+    t0 = time.perf_counter()
+    chunk = compiled_chunk(tc, length, params, opt_state, jnp.int32(0), jnp.int32(0), X, Y, data_key)
+    memory.require_compiled(
+        chunk, f"a training chunk of {length:,} steps at batch {tc.batch_size:,}",
+        "use a smaller --chunk or --batch-size", memory_budget,
+    )  # fmt: skip
+    compile_seconds = time.perf_counter() - t0
+    train_seconds = 0.0
+    starts = [TrainState(*host_copy((params, opt_state)), step)]  # host copies of the last two chunk starts
+
+    def run_chunk(params, opt_state, start, stop):
+        return chunk(params, opt_state, jnp.int32(start), jnp.int32(stop), X, Y, data_key)
+
+    def state_at(target: int) -> TrainState:
+        """Replay from the latest saved chunk start at or before ``target`` up to ``target``."""
+        origin = next(s for s in reversed(starts) if s.step <= target)
+        if origin.step == target:
+            return origin
+        new_params, new_opt_state, _ = run_chunk(*host_copy((origin.params, origin.opt_state)), origin.step, target)
+        return TrainState(*host_copy((new_params, new_opt_state)), target)
+
+    while step < tc.steps:
+        stop = min(step + length, tc.steps)
         t0 = time.perf_counter()
-        args = (params, opt_state, jnp.int32(step), X, Y, data_key)
-        chunk = compiled_chunk(train_config, length, *args)
-        compile_seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        params, opt_state, chunk_losses = chunk(*args)
-        chunk_losses = np.asarray(chunk_losses)  # waits for the chunk: the one host sync per chunk
+        params, opt_state, chunk_losses = run_chunk(params, opt_state, step, stop)
+        chunk_losses = np.asarray(chunk_losses)[: stop - step]  # waits for the chunk: the one host sync per chunk
         train_seconds += time.perf_counter() - t0
 
         bad = np.flatnonzero(~np.isfinite(chunk_losses))
         if bad.size:
             diverged_at = step + int(bad[0])
-            return TrainResult(last_good, np.concatenate(losses), compile_seconds, train_seconds, False, diverged_at)
-        step += length
+            losses.append(chunk_losses[: bad[0]])
+            # loss[t] is the loss of the state after t steps: the state after diverged_at - 1 steps
+            # is the last with a finite loss of its own (none if the very first loss is bad).
+            last_finite = diverged_at - 1
+            good = state_at(last_finite) if last_finite >= starts[0].step else starts[0]
+            history = np.concatenate(losses)[: good.step]
+            return TrainResult(good, history, compile_seconds, train_seconds, False, diverged_at)
+        step = stop
         losses.append(chunk_losses)
-        last_good = TrainState(*jax.device_get((params, opt_state)), step)
+        host = TrainState(*host_copy((params, opt_state)), step)
+        starts = [starts[-1], host]
         if on_chunk is not None:
             done = step - state.step
             rate = done / train_seconds if train_seconds > 0 else float("inf")
-            progress = Progress(
-                step, train_config.steps, float(chunk_losses.mean()), rate, (train_config.steps - step) / rate
-            )
-            on_chunk(progress, last_good, np.concatenate(losses))
+            eta = (tc.steps - step) / rate
+            on_chunk(Progress(step, tc.steps, float(chunk_losses.mean()), rate, eta), host, chunk_losses)
         if should_stop():
             break
 
     final = TrainState(params, opt_state, step)
-    return TrainResult(final, np.concatenate(losses), compile_seconds, train_seconds, step < train_config.steps, None)
-
-
-# --------------------------------------------------------------------------- #
-# After training: batch-norm calibration and evaluation                       #
-# --------------------------------------------------------------------------- #
-
-EVAL_BATCH = 16_384
-
-
-def _padded_batches(n: int, batch: int) -> list[tuple[int, int]]:
-    return [(start, min(start + batch, n)) for start in range(0, n, batch)]
-
-
-@jax.jit
-def _column_sums(params: Params, X: jax.Array, valid: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sums of ``hprebn - center`` and of its square over the valid rows of one padded batch."""
-    diff = (model.hidden_preactivation(params, X) - center) * valid[:, None]
-    return jnp.sum(diff, axis=0, keepdims=True), jnp.sum(diff * diff, axis=0, keepdims=True)
-
-
-def _pad(X: np.ndarray, start: int, stop: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = np.zeros((batch, *X.shape[1:]), X.dtype)
-    rows[: stop - start] = X[start:stop]
-    valid = np.zeros(batch, np.float32)
-    valid[: stop - start] = 1.0
-    return rows, valid
-
-
-def calibrate(params: Params, X: np.ndarray, batch: int = EVAL_BATCH) -> BatchNormStats:
-    """Batch-norm statistics over a whole split, in fixed-size jitted batches (one compile).
-
-    Two passes for an accurate unbiased variance: the mean first, then the
-    sum of squared deviations from it, each accumulated batch by batch.
-    """
-    n = len(X)
-    check_batch_size(n)
-    hidden = params["W1"].shape[1]
-    zero = jnp.zeros((1, hidden), params["W1"].dtype)
-    total = zero
-    for start, stop in _padded_batches(n, batch):
-        rows, valid = _pad(X, start, stop, batch)
-        total = total + _column_sums(params, rows, valid.astype(zero.dtype), zero)[0]
-    mean = total / n
-    squares = zero
-    for start, stop in _padded_batches(n, batch):
-        rows, valid = _pad(X, start, stop, batch)
-        squares = squares + _column_sums(params, rows, valid.astype(zero.dtype), mean)[1]
-    return BatchNormStats(mean, squares / (n - 1))
-
-
-@jax.jit
-def _summed_nll(params: Params, stats: BatchNormStats, X: jax.Array, Y: jax.Array, valid: jax.Array) -> jax.Array:
-    logits = model.logits(params, X, stats)
-    log_probs = jax.nn.log_softmax(logits, axis=1)
-    nll = -jnp.take_along_axis(log_probs, Y[:, None], axis=1)[:, 0]
-    return jnp.sum(nll * valid)
-
-
-def evaluate(params: Params, stats: BatchNormStats, X: np.ndarray, Y: np.ndarray, batch: int = EVAL_BATCH) -> float:
-    """Mean cross-entropy over a split in evaluation mode (calibrated batch norm)."""
-    if len(Y) == 0:
-        return float("nan")
-    total = 0.0
-    for start, stop in _padded_batches(len(Y), batch):
-        rows, valid = _pad(X, start, stop, batch)
-        labels, _ = _pad(Y, start, stop, batch)
-        total += float(_summed_nll(params, stats, rows, labels, valid.astype(params["W1"].dtype)))
-    return total / len(Y)
+    return TrainResult(final, np.concatenate(losses), compile_seconds, train_seconds, step < tc.steps, None)

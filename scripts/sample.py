@@ -8,20 +8,32 @@ from pathlib import Path
 
 import jax
 
-from jaxbirds import checkpoint, cli, data, runner, sample, train
+from jaxbirds import checkpoint, cli, data, evaluate, runner, sample
 
 
 def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/birds") / runner.CHECKPOINT,
-                   help="checkpoint to load (default runs/birds/checkpoint.npz)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("runs/birds") / runner.CHECKPOINT,
+        help="checkpoint to load (default runs/birds/checkpoint.npz)",
+    )
     p.add_argument("--count", type=cli.positive_int, default=20, help="how many names (default 20)")
-    p.add_argument("--temperature", type=cli.positive_float, default=1.0,
-                   help="below 1: safer, more typical names; above 1: wilder ones (default 1.0)")
+    p.add_argument(
+        "--temperature",
+        type=cli.positive_float,
+        default=1.0,
+        help="below 1: safer, more typical names; above 1: wilder ones (default 1.0)",
+    )
     p.add_argument("--max-length", type=cli.positive_int, default=50, help="longest name generated (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--data", type=Path, default=data.DEFAULT_DATA_PATH,
-                   help="the training names, to mark which samples are memorised (default: the shipped file)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=data.DEFAULT_DATA_PATH,
+        help="the training names, to mark which samples are memorised (default: the shipped file)",
+    )
     return p.parse_args(argv)
 
 
@@ -32,16 +44,18 @@ def main(argv=None) -> int:
     dataset = data.load_dataset(args.data, ckpt.model_config.context_size)
     checkpoint.check_compatible(ckpt, dataset.vocab, dataset.context_size)
     if stats is None:  # a run interrupted before calibration: calibrate now
-        stats = train.calibrate(ckpt.state.params, dataset.train.X)
+        stats = evaluate.calibrate(ckpt.state.params, dataset.train.X)
     samples = sample.sample_names(
         jax.random.key(args.seed), ckpt.state.params, stats, ckpt.vocab, ckpt.model_config.context_size,
         count=args.count, temperature=args.temperature, max_length=args.max_length,
     )  # fmt: skip
     known = set(dataset.train.names)
-    for name, finished in zip(samples.names, samples.finished):
+    for name, finished in zip(samples.names, samples.finished, strict=True):
         print(name + ("  (from the training split)" if name in known else "") + ("" if finished else " ..."))
-    print(f"\n{samples.memorised_share(known):.0%} of finished names are in the training split "
-          f"(checkpoint at step {ckpt.state.step:,}, temperature {args.temperature:g})")
+    print(
+        f"\n{samples.memorised_share(known):.0%} of finished names are in the training split "
+        f"(checkpoint at step {ckpt.state.step:,}, temperature {args.temperature:g})"
+    )
     return 0
 
 

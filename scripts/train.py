@@ -2,9 +2,16 @@
 """Train the bird-name MLP (the tutorial's recipe by default) and invent some names.
 
 Defaults: embedding 10, hidden 200, batch 32, 200,000 SGD steps, learning rate
-0.1 then 0.01 from step 100,000. Writes checkpoint.npz, metrics.json and
-loss.png into --out. Ctrl-C stops after the current chunk and saves; --resume
-continues from the saved state and ends exactly where an uninterrupted run would.
+0.1 then 0.01 from step 100,000. Writes checkpoint.npz, losses.f32,
+metrics.json and loss.png into --out. Ctrl-C stops after the current chunk and
+saves; --resume continues from the saved state and ends exactly where an
+uninterrupted run would.
+
+A new run refuses an --out that already holds a checkpoint unless --overwrite
+is given. On --resume, the learning-rate schedule (--lr, --decay-step), --steps,
+--chunk and the output options may change (each change is printed); the
+model's shape, the batch size, the optimiser, the gradient mode, the seed and
+the data are the run's own and may not.
 """
 
 from __future__ import annotations
@@ -14,64 +21,177 @@ import sys
 from pathlib import Path
 
 from jaxbirds import checkpoint, cli, data, model, runner, train
+from jaxbirds.checkpoint import Checkpoint, DataSource
+from jaxbirds.errors import ConfigError
 
 DEFAULTS = train.TrainConfig()
+MODEL_DEFAULTS = model.ModelConfig()
+
+#: On --resume: flags that may change (TrainConfig field, flag), and flags that may not.
+CHANGEABLE = {"steps": "--steps", "learning_rate": "--lr", "decay_step": "--decay-step", "chunk_size": "--chunk"}
+FIXED_TRAIN = {"batch_size": "--batch-size", "optimizer": "--optimizer", "grad_mode": "--grad", "seed": "--seed"}
+FIXED_MODEL = {"hidden": "--hidden", "embedding_dim": "--embedding"}
 
 
 def parse_args(argv):
+    # Training flags default to None, so that --resume can tell a flag given from one left out.
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=cli.positive_int, help=f"total SGD steps (default {DEFAULTS.steps:,}); "
-                   "with --resume, a new total to train up to")
-    p.add_argument("--batch-size", type=cli.batch_size, default=DEFAULTS.batch_size,
-                   help=f"examples per step, at least 2 for batch norm (default {DEFAULTS.batch_size})")
-    p.add_argument("--hidden", type=cli.positive_int, default=200, help="hidden units (default 200)")
-    p.add_argument("--embedding", type=cli.positive_int, default=10, help="embedding size per character (default 10)")
-    p.add_argument("--lr", type=cli.positive_float, default=DEFAULTS.learning_rate,
-                   help=f"learning rate; it drops 10x at step {DEFAULTS.decay_step:,} (default {DEFAULTS.learning_rate})")
-    p.add_argument("--decay-step", type=int, default=DEFAULTS.decay_step,
-                   help=f"step at which the learning rate drops 10x (default {DEFAULTS.decay_step:,})")
-    p.add_argument("--optimizer", choices=train.OPTIMIZERS, default=DEFAULTS.optimizer, help="optax optimiser (default sgd)")
-    p.add_argument("--grad", choices=train.GRAD_MODES, default=DEFAULTS.grad_mode,
-                   help="how gradients are computed: jax.grad of the plain model (autodiff), jax.grad through "
-                        "the hand-written custom_vjp rules, or the fused manual backward pass (default autodiff)")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"fixes initialisation and batches (default {DEFAULTS.seed})")
-    p.add_argument("--chunk", type=cli.positive_int, default=DEFAULTS.chunk_size,
-                   help=f"steps per compiled call (default {DEFAULTS.chunk_size:,}); progress and checkpoints happen between chunks")
-    p.add_argument("--data", type=Path, default=data.DEFAULT_DATA_PATH, help="bird names, one per line (default: the shipped file)")
+    p.add_argument(
+        "--steps",
+        type=cli.positive_int,
+        help=f"total SGD steps (default {DEFAULTS.steps:,}); with --resume, a new total to train up to",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=cli.batch_size,
+        help=f"examples per step, at least 2 for batch norm (default {DEFAULTS.batch_size})",
+    )
+    p.add_argument("--hidden", type=cli.positive_int, help=f"hidden units (default {MODEL_DEFAULTS.hidden})")
+    p.add_argument(
+        "--embedding",
+        type=cli.positive_int,
+        help=f"embedding size per character (default {MODEL_DEFAULTS.embedding_dim})",
+    )
+    p.add_argument(
+        "--lr",
+        type=cli.positive_float,
+        help=f"learning rate; it drops 10x at --decay-step (default {DEFAULTS.learning_rate})",
+    )
+    p.add_argument(
+        "--decay-step",
+        type=cli.non_negative_int,
+        help=f"step at which the learning rate drops 10x (default {DEFAULTS.decay_step:,})",
+    )
+    p.add_argument("--optimizer", choices=train.OPTIMIZERS, help="optax optimiser (default sgd)")
+    p.add_argument(
+        "--grad",
+        choices=train.GRAD_MODES,
+        help="how gradients are computed: jax.grad of the plain model (autodiff), jax.grad through "
+        "the hand-written custom_vjp rules, or the fused manual backward pass (default autodiff)",
+    )
+    p.add_argument("--seed", type=cli.seed, help=f"fixes initialisation, batches and samples (default {DEFAULTS.seed})")
+    p.add_argument(
+        "--chunk",
+        type=cli.positive_int,
+        help=f"steps per compiled call (default {DEFAULTS.chunk_size:,}); progress and checkpoints "
+        "happen between chunks",
+    )
+    p.add_argument(
+        "--data", type=Path, help="bird names, one per line (default: the shipped file; with --resume, the run's own)"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/birds"), help="output directory (default runs/birds)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its configuration is reused)")
+    run_mode = p.add_mutually_exclusive_group()
+    run_mode.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    run_mode.add_argument("--overwrite", action="store_true", help="replace a run already saved in --out")
     p.add_argument("--samples", type=cli.non_negative_int, default=10, help="names to print at the end (default 10)")
-    p.add_argument("--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)")
+    p.add_argument(
+        "--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)"
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     return p.parse_args(argv)
 
 
+def new_run(args, dataset: data.Dataset) -> Checkpoint:
+    model_config = model.ModelConfig(
+        vocab_size=dataset.vocab.size,
+        context_size=dataset.context_size,
+        embedding_dim=args.embedding or MODEL_DEFAULTS.embedding_dim,
+        hidden=args.hidden or MODEL_DEFAULTS.hidden,
+    )
+    given = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "learning_rate": args.lr,
+        "decay_step": args.decay_step,
+        "seed": args.seed,
+        "grad_mode": args.grad,
+        "chunk_size": args.chunk,
+    }
+    train_config = train.TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    train.check_fits(model_config, train_config)
+    state = train.init_state(model_config, train_config)
+    return Checkpoint(
+        state, None, dataset.vocab, model_config, train_config, DataSource(dataset.source, dataset.sha256)
+    )
+
+
+def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
+    """``saved`` with the changes the flags ask for; a :class:`ConfigError` for a flag that may not change."""
+    flags = {
+        "steps": args.steps,
+        "learning_rate": args.lr,
+        "decay_step": args.decay_step,
+        "chunk_size": args.chunk,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "grad_mode": args.grad,
+        "seed": args.seed,
+    }
+    tc, mc = saved.train_config, saved.model_config
+    refused = [
+        f"{flag} {flags[field]} (the run's is {getattr(tc, field)})"
+        for field, flag in FIXED_TRAIN.items()
+        if flags[field] is not None and flags[field] != getattr(tc, field)
+    ]
+    model_flags = {"hidden": args.hidden, "embedding_dim": args.embedding}
+    refused += [
+        f"{flag} {model_flags[field]} (the run's is {getattr(mc, field)})"
+        for field, flag in FIXED_MODEL.items()
+        if model_flags[field] is not None and model_flags[field] != getattr(mc, field)
+    ]
+    if refused:
+        raise ConfigError(
+            "these settings are fixed for a saved run and cannot change on --resume: "
+            + "; ".join(refused)
+            + ". Start a new run with another --out (or --overwrite) instead"
+        )
+    changes = {field: flags[field] for field in CHANGEABLE if flags[field] is not None}
+    if changes.get("steps", tc.steps) < saved.state.step:
+        raise ConfigError(f"--steps {changes['steps']:,} is below the saved run's step {saved.state.step:,}")
+    new_tc = dataclasses.replace(tc, **changes)
+    described = [
+        f"{flag} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
+        for field, flag in CHANGEABLE.items()
+        if getattr(tc, field) != getattr(new_tc, field)
+    ]
+    return saved._replace(train_config=new_tc), described
+
+
+def _number(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dataset = data.load_dataset(args.data)
+    runner.prepare_output(args.out, resume=args.resume, overwrite=args.overwrite)
     ckpt_path = args.out / runner.CHECKPOINT
     if args.resume:
-        start = checkpoint.load(ckpt_path)
-        checkpoint.check_compatible(start, dataset.vocab, dataset.context_size)
-        if args.steps is not None:
-            start = start._replace(train_config=dataclasses.replace(start.train_config, steps=args.steps))
-        print(f"resuming {ckpt_path} at step {start.state.step:,} of {start.train_config.steps:,}")
-    else:
-        model_config = model.ModelConfig(vocab_size=dataset.vocab.size, context_size=dataset.context_size,
-                                         embedding_dim=args.embedding, hidden=args.hidden)
-        train_config = train.TrainConfig(
-            steps=args.steps or DEFAULTS.steps, batch_size=args.batch_size, optimizer=args.optimizer,
-            learning_rate=args.lr, decay_step=args.decay_step, seed=args.seed, grad_mode=args.grad,
-            chunk_size=args.chunk,
+        saved = checkpoint.load(ckpt_path)
+        data_path = args.data or (Path(saved.data.path) if saved.data else data.DEFAULT_DATA_PATH)
+        dataset = data.load_dataset(data_path, saved.model_config.context_size)
+        checkpoint.check_compatible(saved, dataset.vocab, dataset.context_size)
+        if saved.data and saved.data.sha256 != dataset.sha256:
+            raise ConfigError(
+                f"{data_path} is not the data this run was trained on ({saved.data.path}, sha256 "
+                f"{saved.data.sha256[:12]}...): the data are fixed for a saved run"
+            )
+        start, changes = resumed_run(args, saved)
+        print(
+            f"resuming {ckpt_path} at step {start.state.step:,} of {start.train_config.steps:,}"
+            + (f"; changed: {', '.join(changes)}" if changes else "")
         )
-        state = train.init_state(model_config, train_config)
-        start = checkpoint.Checkpoint(state, None, None, dataset.vocab, model_config, train_config)
+    else:
+        dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
+        start = new_run(args, dataset)
     tc = start.train_config
     print(dataset.summary())
-    print(f"model: {model.param_count(start.state.params):,} parameters (embedding {start.model_config.embedding_dim}, "
-          f"hidden {start.model_config.hidden}); {tc.optimizer} lr {tc.learning_rate:g} -> "
-          f"{tc.learning_rate * tc.decay_factor:g} at step {tc.decay_step:,}; batch {tc.batch_size}; "
-          f"gradients: {tc.grad_mode}; {tc.steps:,} steps")
+    print(
+        f"model: {model.param_count(start.state.params):,} parameters (embedding {start.model_config.embedding_dim}, "
+        f"hidden {start.model_config.hidden}); {tc.optimizer} lr {tc.learning_rate:g} -> "
+        f"{tc.learning_rate * tc.decay_factor:g} at step {tc.decay_step:,}; batch {tc.batch_size}; "
+        f"gradients: {tc.grad_mode}; {tc.steps:,} steps"
+    )
     options = runner.RunOptions(out=args.out, samples=args.samples, plot=not args.no_plot, log_every=args.log_every)
     with cli.stop_requested() as stop:
         return runner.run(dataset, start, options, should_stop=stop.is_set, log=sys.stdout)

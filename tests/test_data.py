@@ -141,3 +141,10 @@ def test_load_dataset_on_a_small_file(tmp_path):
     ds = data.load_dataset(path)
     assert [len(s.names) for s in ds.splits.values()] == [8, 1, 1]
     assert len(ds.train) == 8 * len("bird_a.")
+
+
+def test_a_file_too_small_to_train_on_is_a_clear_error(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("emu\n")
+    with pytest.raises(DataError, match="at least 2 names"):
+        data.load_dataset(path)

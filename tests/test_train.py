@@ -1,13 +1,16 @@
 """The training loop: learning, agreement between gradient modes, determinism, resumption."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbirds import model, train
+from jaxbirds import evaluate, model, train
+from jaxbirds.errors import MemoryBudgetError
 
 SMALL = train.TrainConfig(steps=600, chunk_size=200, decay_step=400, seed=3)
 
@@ -38,8 +41,10 @@ def test_loss_decreases_in_every_mode(dataset, data, mode):
 def test_modes_agree_over_the_first_1000_steps_of_the_default_recipe(dataset, data):
     """Same seed: the three modes differ only by rounding, so their loss histories stay together."""
     config = dataclasses.replace(train.TrainConfig(), steps=1_000, chunk_size=1_000)
-    histories = {mode: run(dataset, data, dataclasses.replace(config, grad_mode=mode), hidden=200).losses
-                 for mode in train.GRAD_MODES}
+    histories = {
+        mode: run(dataset, data, dataclasses.replace(config, grad_mode=mode), hidden=200).losses
+        for mode in train.GRAD_MODES
+    }
     np.testing.assert_allclose(histories["custom_vjp"], histories["autodiff"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(histories["manual"], histories["autodiff"], atol=1e-4, rtol=0)
 
@@ -63,7 +68,7 @@ def test_resuming_equals_an_uninterrupted_run(dataset, data):
 
 
 def test_the_training_step_is_traced_once_for_many_chunks(dataset, data, monkeypatch):
-    """Five chunks, one trace: nothing retraces (or recompiles) after the first chunk."""
+    """Five chunks and a shorter last one, one trace: nothing retraces (or recompiles) after the first."""
     chex.clear_trace_counter()
     traces = []
     original = train.loss_and_grads_fn
@@ -80,24 +85,127 @@ def test_the_training_step_is_traced_once_for_many_chunks(dataset, data, monkeyp
 
     monkeypatch.setattr(train, "loss_and_grads_fn", counted)
     monkeypatch.setattr(train, "_COMPILED", {})  # start without memoised executables
-    result = run(dataset, data, dataclasses.replace(SMALL, steps=1_000))
-    assert result.state.step == 1_000 and len(traces) == 1
+    result = run(dataset, data, dataclasses.replace(SMALL, steps=1_050))  # 5 chunks of 200, then one of 50
+    assert result.state.step == 1_050 and len(result.losses) == 1_050 and len(traces) == 1
+
+
+def test_no_recompilation_when_only_the_seed_or_the_step_count_changes(dataset, data, monkeypatch):
+    monkeypatch.setattr(train, "_COMPILED", {})
+    run(dataset, data, SMALL)
+    run(dataset, data, dataclasses.replace(SMALL, seed=11, steps=900))
+    assert len(train._COMPILED) == 1
+    run(dataset, data, dataclasses.replace(SMALL, learning_rate=0.05))  # the schedule is in the program
+    assert len(train._COMPILED) == 2
+
+
+def test_a_chunk_cut_short_by_stop_equals_a_shorter_chunk(dataset, data):
+    """The masked steps past ``stop`` change nothing, optimiser state included (adam counts steps)."""
+    config = dataclasses.replace(SMALL, optimizer="adam", learning_rate=1e-2, steps=130, chunk_size=100)
+    state = train.init_state(small_model(dataset), config)
+    X, Y = (np.asarray(a) for a in data)
+    key = train.keys_for(config.seed).data
+    long_chunk = train.make_chunk_fn(config, 100)
+    short_chunk = train.make_chunk_fn(config, 30)
+    a = long_chunk(*train.host_copy(state[:2]), 0, 30, X, Y, key)
+    b = short_chunk(*train.host_copy(state[:2]), 0, 30, X, Y, key)
+    chex.assert_trees_all_equal(a[:2], b[:2])
+    np.testing.assert_array_equal(a[2][:30], b[2])
+
+
+def test_the_state_passed_in_is_donated_to_the_first_chunk(dataset, data):
+    """Donation really happens: the input buffers are deleted once the first chunk has run (no view
+    of them kept on the host), so XLA updates the parameters in place."""
+    state = train.init_state(small_model(dataset), SMALL)
+    run_result = train.train(*data, dataclasses.replace(SMALL, steps=400), state)
+    assert run_result.state.step == 400
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)))
+
+
+def test_the_learning_rate_drops_at_the_decay_step(dataset, data):
+    """One SGD step before and one after ``decay_step``: the update is lr * grad, then lr/10 * grad."""
+    config = dataclasses.replace(SMALL, learning_rate=0.1, decay_step=5, decay_factor=0.1)
+    state = train.init_state(small_model(dataset), config)
+    X, Y = (np.asarray(a) for a in data)
+    key = train.keys_for(config.seed).data
+    chunk = train.make_chunk_fn(config, 1)
+    for step, lr in [(4, 0.1), (5, 0.01)]:
+        params = train.host_copy(state.params)
+        # the optimiser's step counter, set to `step` (its only integer leaf)
+        counter = functools.partial(np.full_like, fill_value=step)
+        opt_state = jax.tree.map(
+            lambda leaf, counter=counter: counter(leaf) if leaf.dtype == np.int32 else leaf,
+            train.host_copy(state.opt_state),
+        )
+        rows = np.asarray(train.sample_batch_indices(key, np.array([step]), config.batch_size, len(Y)))[0]
+        grads = jax.grad(model.loss)(params, X[rows], Y[rows])
+        new_params, _, _ = chunk(train.host_copy(params), opt_state, step, step + 1, X, Y, key)
+        for name in model.PARAM_NAMES:
+            # rtol: the difference of two float32 parameters near 1 keeps ~3 digits of an update of 1e-4
+            np.testing.assert_allclose(params[name] - new_params[name], lr * grads[name], rtol=2e-2, atol=2e-7)
+
+
+def test_every_step_trains_on_its_own_minibatch(dataset, data):
+    """What the chunk really feeds each step: a probe gradient function returns a fingerprint of its
+    batch as the 'loss'. Each step sees the batch sample_batch_indices draws for it, and they differ."""
+    X, Y = (np.asarray(a) for a in data)
+
+    def fingerprint(params, Xb, Yb):
+        weights = jnp.arange(1, Yb.shape[0] + 1, dtype=jnp.float32)
+        return jnp.sum(weights * Yb) + jnp.sum(Xb[:, 0]), jax.tree.map(jnp.zeros_like, params)
+
+    config = dataclasses.replace(SMALL, batch_size=8)
+    state = train.init_state(small_model(dataset), config)
+    key = train.keys_for(config.seed).data
+    chunk = train.make_chunk_fn(config, 6, loss_and_grads=fingerprint)
+    _, _, seen = chunk(*state[:2], 10, 16, X, Y, key)
+    rows = np.asarray(train.sample_batch_indices(key, np.arange(10, 16), 8, len(Y)))
+    expected = [np.sum(np.arange(1, 9) * Y[r]) + np.sum(X[r, 0]) for r in rows]
+    np.testing.assert_allclose(np.asarray(seen), expected)
+    assert len(set(np.asarray(seen).tolist())) == 6
 
 
 def test_stop_request_ends_after_the_current_chunk(dataset, data):
     seen = []
-    result = run(dataset, data, SMALL, on_chunk=lambda p, s, l: seen.append(p.step), should_stop=lambda: True)
+    result = run(
+        dataset,
+        data,
+        SMALL,
+        on_chunk=lambda progress, state, losses: seen.append(progress.step),
+        should_stop=lambda: True,
+    )
     assert result.stopped and result.state.step == 200 and seen == [200]
     assert len(result.losses) == 200
 
 
-def test_divergence_stops_and_returns_the_last_finite_state(dataset, data):
-    config = dataclasses.replace(SMALL, learning_rate=1e30, chunk_size=100)  # params overflow to inf
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_divergence_returns_the_last_state_whose_own_loss_is_finite(dataset, data, chunk):
+    """The loss at step t is the loss of the state after t steps. After divergence at step t, the
+    state returned is the one after t - 1 steps, whose loss is finite (not the one that produced
+    the bad loss), wherever the chunk boundaries fall."""
+    config = dataclasses.replace(SMALL, learning_rate=1e30, chunk_size=chunk)  # params overflow to inf
     result = run(dataset, data, config)
-    assert result.diverged_at is not None
-    assert result.state.step <= result.diverged_at < result.state.step + 100
-    assert len(result.losses) == result.state.step
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(result.state.params))
+    t = result.diverged_at
+    assert t is not None and t >= 1
+    assert result.state.step == t - 1 and len(result.losses) == t - 1
+    assert np.all(np.isfinite(result.losses))
+    X, Y = (np.asarray(a) for a in data)
+    rows = np.asarray(train.sample_batch_indices(train.keys_for(config.seed).data, np.array([t - 1]), 32, len(Y)))[0]
+    assert np.isfinite(float(model.loss(result.state.params, X[rows], Y[rows])))
+
+
+def test_an_infinite_loss_is_divergence_too(dataset, data):
+    def infinite_after_ten(params, X, Y):
+        loss, grads = train.loss_and_grads_fn("autodiff")(params, X, Y)
+        return jnp.where(params["b2"][0] < -1e9, jnp.inf, loss), grads
+
+    config = dataclasses.replace(SMALL, chunk_size=50)
+    state = train.init_state(small_model(dataset), config)
+    state = state._replace(params={**state.params, "b2": state.params["b2"].at[0].set(-1e10)})
+    X, Y = data
+    chunk = train.make_chunk_fn(config, 50, infinite_after_ten)
+    _, _, losses = chunk(*state[:2], 0, 50, X, Y, train.keys_for(config.seed).data)
+    assert np.all(np.isinf(np.asarray(losses)))
+    assert not np.isnan(np.asarray(losses)).any()  # a NaN check alone would miss these
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -108,16 +216,40 @@ def test_batches_depend_only_on_seed_and_step():
     assert together.shape == (10, 32) and int(together.max()) < 1000
 
 
-def test_calibration_and_evaluation_match_the_direct_computation(dataset):
-    config = small_model(dataset)
-    params = model.init_params(jax.random.key(0), config)
-    X, Y = dataset.dev.X, dataset.dev.Y
-    stats = train.calibrate(params, X, batch=5_000)  # several padded batches
-    direct = model.calibrate(params, X)
-    np.testing.assert_allclose(stats.mean, direct.mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(stats.var, direct.var, rtol=1e-4)
-    loss = train.evaluate(params, stats, X, Y, batch=5_000)
+def test_calibration_and_evaluation_match_a_direct_float64_computation(dataset):
+    """Seven rows in batches of three (padded): mean and *unbiased* variance (n - 1 = 6, so the biased
+    estimator would be 14 % off), then the mean loss with those statistics."""
+    params = model.init_params(jax.random.key(0), small_model(dataset))
+    X, Y = dataset.dev.X[:7], dataset.dev.Y[:7]
+    stats = evaluate.calibrate(params, X, batch=3)
+    hprebn = np.asarray(model.hidden_preactivation(params, X), np.float64)
+    np.testing.assert_allclose(stats.mean[0], hprebn.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.var[0], hprebn.var(axis=0, ddof=1), rtol=1e-4)
+    loss = evaluate.split_loss(params, stats, X, Y, batch=3)
     assert loss == pytest.approx(float(model.loss(params, X, Y, stats)), rel=1e-5)
+    assert evaluate.split_loss(params, stats, X[:0], Y[:0]) is None
+
+
+def test_evaluation_batches_shrink_to_fit_the_memory_budget(dataset):
+    params = model.init_params(jax.random.key(0), small_model(dataset, hidden=4096))
+    assert evaluate.batch_size_for(params, budget=2**40) == evaluate.MAX_BATCH
+    small = evaluate.batch_size_for(params, budget=64 * 2**20)
+    assert 1 <= small < evaluate.MAX_BATCH
+    with pytest.raises(MemoryBudgetError):
+        evaluate.batch_size_for(params, budget=2**10)
+
+
+def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(dataset):
+    huge = model.ModelConfig(vocab_size=29, hidden=10**9)
+    with pytest.raises(MemoryBudgetError, match="--hidden"):
+        train.check_fits(huge, SMALL)
+    train.check_fits(small_model(dataset), SMALL)
+
+
+def test_a_training_program_too_big_for_the_budget_is_refused_before_it_runs(dataset, data):
+    state = train.init_state(small_model(dataset), SMALL)
+    with pytest.raises(MemoryBudgetError, match="--chunk"):
+        train.train(*data, SMALL, state, memory_budget=2**16)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +261,8 @@ def test_calibration_and_evaluation_match_the_direct_computation(dataset):
         (dict(learning_rate=float("nan")), "learning_rate"),
         (dict(grad_mode="magic"), "grad_mode"),
         (dict(optimizer="lion"), "optimizer"),
+        (dict(seed=2**32), "seed"),
+        (dict(seed=-1), "seed"),
     ],
 )
 def test_train_config_rejects_bad_values(bad, message):

@@ -12,6 +12,7 @@ from conftest import ROOT
 from test_gradcheck import load_script
 
 from jaxbirds import checkpoint, cli
+from jaxbirds.checkpoint import LossLog
 
 SMALL = ["--hidden", "16", "--chunk", "500", "--log-every", "500", "--samples", "3"]
 
@@ -19,6 +20,15 @@ SMALL = ["--hidden", "16", "--chunk", "500", "--log-every", "500", "--samples", 
 @pytest.fixture(scope="module")
 def train_script():
     return load_script("train")
+
+
+def strict_json(path):
+    """Parse as strict JSON: NaN and Infinity, which Python writes by default, are refused."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}: not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def run_cli(script, args, capsys):
@@ -36,7 +46,7 @@ def test_a_short_run_writes_checkpoint_metrics_and_plot(train_script, tmp_path, 
     assert code == 0
     assert "172,427 / 21,478 / 21,599" in out and "ETA" in out and "steps/s" in out
     assert "train " in out and "dev " in out and "test " in out
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = strict_json(tmp_path / "metrics.json")
     assert metrics["step"] == 1000 and len(metrics["loss_history"]) == 1000
     assert set(metrics["loss"]) == {"train", "dev", "test"} and metrics["loss"]["dev"] < 3.3
     assert len(metrics["samples"]) == 3 and metrics["parameters"] == 29 * 10 + 30 * 16 + 16 + 16 * 29 + 29 + 32
@@ -59,6 +69,10 @@ def test_a_short_run_writes_checkpoint_metrics_and_plot(train_script, tmp_path, 
         (["--lr", "-0.1"], "positive"),
         (["--data", "/no/such/birds.csv"], "data file not found"),
         (["--resume"], "no checkpoint"),
+        (["--seed", "99999999999999999999"], "from 0 to"),
+        (["--lr", "inf"], "finite"),
+        (["--embedding", "100000000"], "memory"),  # SMALL sets --hidden
+        (["--resume", "--overwrite"], "not allowed with"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(train_script, tmp_path, capsys, args, message):
@@ -82,19 +96,84 @@ def test_empty_data_file_and_bad_checkpoints(train_script, tmp_path, capsys):
 def test_a_checkpoint_from_other_data_is_refused(train_script, tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_text("\n".join(f"bird {c}{c}" for c in "abcdefghij") + "\n")
-    code, _, _ = run_cli(train_script, ["--data", str(other), "--steps", "500", *SMALL, "--no-plot",
-                                        "--out", str(tmp_path)], capsys)
+    code, _, _ = run_cli(
+        train_script, ["--data", str(other), "--steps", "500", *SMALL, "--no-plot", "--out", str(tmp_path)], capsys
+    )
     assert code == 0
-    code, _, err = run_cli(train_script, ["--resume", "--out", str(tmp_path)], capsys)
+    shipped = str(ROOT / "datasets" / "birds" / "birds.csv")
+    code, _, err = run_cli(train_script, ["--resume", "--data", shipped, "--out", str(tmp_path)], capsys)
     assert code == 2 and "vocabulary" in err
+    code, out, _ = run_cli(train_script, ["--resume", "--no-plot", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "resuming" in out  # without --data, the run's own data file
 
 
-def test_divergence_says_where_and_keeps_the_last_finite_checkpoint(train_script, tmp_path, capsys):
+def test_divergence_says_where_keeps_the_last_finite_state_and_advises_a_command_that_works(
+    train_script, tmp_path, capsys
+):
     code, out, _ = run_cli(train_script, ["--lr", "1e30", "--steps", "2000", *SMALL, "--out", str(tmp_path)], capsys)
     assert code == 1
     assert "non-finite at step" in out and "lower learning rate" in out
     ckpt = checkpoint.load(tmp_path / "checkpoint.npz")
     assert all(np.all(np.isfinite(np.asarray(p))) for p in ckpt.state.params.values())
+    diverged_at = int(out.split("non-finite at step ")[1].split(".")[0].replace(",", ""))
+    assert ckpt.state.step == diverged_at - 1
+    assert len(LossLog(tmp_path / "losses.f32").read(ckpt.state.step)) == ckpt.state.step
+    advice = next(line.strip() for line in out.splitlines() if "scripts/train.py --resume" in line)
+    args = advice.split("scripts/train.py ")[1].split()
+    code, out, err = run_cli(train_script, args, capsys)
+    assert code != 2, err  # accepted: it resumes from the saved state with the new learning rate
+    assert f"at step {ckpt.state.step:,}" in out and "--lr 1e+30 -> 1e+29" in out
+
+
+def test_a_new_run_never_replaces_a_saved_one_unasked(train_script, tmp_path, capsys):
+    assert run_cli(train_script, ["--steps", "500", *SMALL, "--no-plot", "--out", str(tmp_path)], capsys)[0] == 0
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    code, out, err = run_cli(train_script, ["--steps", "500", *SMALL, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--resume" in err and "--overwrite" in err and "step" not in out
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
+    code, _, _ = run_cli(train_script, ["--steps", "500", *SMALL, "--no-plot", "--seed", "5", "--overwrite",
+                                        "--out", str(tmp_path)], capsys)  # fmt: skip
+    assert code == 0 and checkpoint.load(tmp_path / "checkpoint.npz").train_config.seed == 5
+
+
+def test_resume_applies_what_may_change_and_refuses_the_rest(train_script, tmp_path, capsys):
+    assert run_cli(train_script, ["--steps", "500", *SMALL, "--no-plot", "--out", str(tmp_path)], capsys)[0] == 0
+    for flags, message in [(["--hidden", "64"], "--hidden 64"), (["--grad", "manual"], "--grad manual"),
+                           (["--optimizer", "adam"], "--optimizer adam"), (["--seed", "1"], "--seed 1"),
+                           (["--batch-size", "8"], "--batch-size 8"), (["--steps", "100"], "below")]:  # fmt: skip
+        code, _, err = run_cli(train_script, ["--resume", *flags, "--out", str(tmp_path)], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    other = tmp_path / "other.csv"
+    other.write_text((ROOT / "datasets" / "birds" / "birds.csv").read_text() + "extra bird\n")
+    code, _, err = run_cli(train_script, ["--resume", "--data", str(other), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "not the data this run was trained on" in err
+
+    args = ["--resume", "--steps", "1000", "--lr", "0.05", "--chunk", "250", "--hidden", "16", "--no-plot"]
+    code, out, _ = run_cli(train_script, [*args, "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "--steps 500 -> 1,000" in out and "--lr 0.1 -> 0.05" in out and "--chunk 500 -> 250" in out
+    ckpt = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert (ckpt.state.step, ckpt.train_config.learning_rate, ckpt.train_config.chunk_size) == (1000, 0.05, 250)
+
+
+def test_outputs_are_checked_before_any_training(train_script, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code, out, err = run_cli(train_script, ["--steps", "500", *SMALL, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "afile" in err and "step" not in out and "Traceback" not in err
+
+
+def test_metrics_are_strict_json_when_a_split_is_empty_and_nothing_is_left_to_train(train_script, tmp_path, capsys):
+    two = tmp_path / "two.csv"
+    two.write_text("emu\nkiwi\n")  # 80/10/10 of two names: train 1, dev 0, test 1
+    out_dir = tmp_path / "run"
+    args = ["--data", str(two), "--steps", "200", *SMALL, "--no-plot", "--out", str(out_dir)]
+    assert run_cli(train_script, args, capsys)[0] == 0
+    metrics = strict_json(out_dir / "metrics.json")
+    assert metrics["loss"]["dev"] is None and metrics["loss"]["train"] > 0
+    assert run_cli(train_script, ["--resume", "--out", str(out_dir), "--no-plot"], capsys)[0] == 0
+    metrics = strict_json(out_dir / "metrics.json")
+    assert metrics["timing"]["steps_per_second"] is None and metrics["step"] == 200
 
 
 def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, tmp_path, capsys):
@@ -103,7 +182,10 @@ def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, 
     common = ["--hidden", "16", "--chunk", "500", "--log-every", "500", "--samples", "2", "--no-plot"]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "--steps", "200000", *common, "--out", str(interrupted)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step"):

@@ -1,0 +1,95 @@
+"""A memory budget: sizes that cannot fit are refused with a clear error, before any work starts.
+
+The budget is a share of the memory the machine has available *now*
+(``MemAvailable`` in ``/proc/meminfo``, or the physical memory elsewhere).
+Two kinds of check use it:
+
+* :func:`require` - an estimate made before anything is allocated (the
+  parameters of a model, the names to sample);
+* :func:`require_compiled` - XLA's own memory analysis of a compiled program
+  (arguments, outputs and temporaries), before the program first runs.
+
+Large buffers are sized from the budget (see :func:`rows_within`), so a wide
+model gets smaller evaluation batches instead of an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxbirds.errors import MemoryBudgetError
+
+#: Share of the available memory one program may plan to use.
+BUDGET_SHARE = 0.5
+
+
+def available_bytes() -> int:
+    """Memory available to a new allocation now (Linux: ``MemAvailable``), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def budget_bytes() -> int:
+    """The default budget: :data:`BUDGET_SHARE` of :func:`available_bytes`."""
+    return int(BUDGET_SHARE * available_bytes())
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def require(nbytes: float, what: str, hint: str, budget: int | None = None) -> None:
+    """Raise :class:`MemoryBudgetError` if ``what`` needs more than the budget."""
+    budget = budget_bytes() if budget is None else budget
+    if nbytes > budget:
+        raise MemoryBudgetError(
+            f"{what} needs about {format_bytes(nbytes)}, more than the memory budget of {format_bytes(budget)} "
+            f"({BUDGET_SHARE:.0%} of what this machine has available); {hint}"
+        )
+
+
+def compiled_bytes(compiled) -> int | None:
+    """Bytes a compiled program needs while it runs, by XLA's memory analysis: arguments,
+    outputs and temporaries, less the outputs that reuse donated arguments. None if the
+    backend gives no analysis."""
+    try:
+        analysis = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if analysis is None:
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def require_compiled(compiled, what: str, hint: str, budget: int | None = None) -> None:
+    """:func:`require` with the program's own figure from :func:`compiled_bytes`."""
+    needed = compiled_bytes(compiled)
+    if needed is not None:
+        require(needed, what, hint, budget)
+
+
+def rows_within(bytes_per_row: float, fixed_bytes: float, most: int, budget: int | None = None) -> int:
+    """How many rows of ``bytes_per_row`` fit beside ``fixed_bytes`` in the budget, at most ``most``.
+
+    Raises :class:`MemoryBudgetError` if not even one row fits.
+    """
+    budget = budget_bytes() if budget is None else budget
+    rows = int((budget - fixed_bytes) // max(bytes_per_row, 1))
+    if rows < 1:
+        require(fixed_bytes + bytes_per_row, "one row of this computation", "use a smaller model", budget)
+    return max(1, min(most, rows))
