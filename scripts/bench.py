@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxbirds import bench, cli, data
+from jaxbirds import bench, cli, data, plots, runner
 
 STUDIES = ("dispatch", "modes", "xla", "scaling", "vmap", "torch")
 
@@ -23,8 +23,12 @@ def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: the whole suite in under a minute")
     p.add_argument("--only", nargs="+", choices=STUDIES, default=list(STUDIES), help="run only these studies")
-    p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"),
-                   help="where to save all rows (default bench-results/bench.json)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path("bench-results/bench.json"),
+        help="where to save all rows (default bench-results/bench.json)",
+    )
     p.add_argument("--plot", type=Path, metavar="DIR", help="also write dispatch.png, scaling.png, vmap.png into DIR")
     p.add_argument("--data", type=Path, default=data.DEFAULT_DATA_PATH, help="bird names (default: the shipped file)")
     return p.parse_args(argv)
@@ -32,6 +36,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runner.check_writable_file(args.json)  # before the suite, not after it
+    if args.plot:
+        plots.require()
+        runner.check_writable_dir(args.plot)
     t0 = time.perf_counter()
     config = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     b = bench.Bench(data.load_dataset(args.data), config)
