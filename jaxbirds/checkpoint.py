@@ -81,6 +81,21 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save(path: str | Path, checkpoint: Checkpoint) -> Path:
@@ -122,6 +137,8 @@ def load(path: str | Path) -> Checkpoint:
         header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable checkpoint (its header is not a JSON object)")
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise CheckpointError(f"{path} is not a {FORMAT} version {VERSION} file (it says {header.get('version')})")
     try:
@@ -183,8 +200,11 @@ class LossLog:
             f.truncate(4 * steps)
 
     def append(self, losses: np.ndarray) -> None:
+        """Append and make durable (fsync), before the checkpoint that counts these steps is written."""
         with open(self.path, "ab") as f:
             f.write(np.asarray(losses, "<f4").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class Writer:
@@ -193,14 +213,20 @@ class Writer:
     :meth:`submit` hands over a checkpoint and the losses of the steps since the
     last one and returns at once. The thread appends every batch of losses to
     the :class:`LossLog`, in order, and writes the newest checkpoint (a newer one
-    submitted meanwhile supersedes an older one not yet written). :meth:`close`
-    waits for everything submitted; an error on the thread is raised there (or
-    at the next :meth:`submit`). ``seconds`` counts the time spent writing.
+    submitted meanwhile supersedes an older one not yet written). Nothing on
+    disk changes before the first submission: only then is the log cut to its
+    first ``keep`` entries (the history the run continues), so a run refused
+    before its first chunk leaves a saved run as it was. :meth:`close` waits for
+    everything submitted. An error on the thread stops the writer for good; it
+    is raised by :meth:`close` and by every later :meth:`submit`. ``seconds``
+    counts the time spent writing; ``steps_logged`` the log's length.
     """
 
-    def __init__(self, path: str | Path, log: LossLog):
+    def __init__(self, path: str | Path, log: LossLog, keep: int = 0):
         self.path, self.log = Path(path), log
         self.seconds = 0.0
+        self.steps_logged = keep
+        self._keep, self._started = keep, False
         self._pending: list[tuple[Checkpoint, np.ndarray]] = []
         self._error: BaseException | None = None
         self._closed = False
@@ -208,10 +234,16 @@ class Writer:
         self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        """Whether anything was submitted (and so the log cut to ``keep`` and appended to)."""
+        return self.steps_logged > self._keep or self._started
+
     def submit(self, checkpoint: Checkpoint, new_losses: np.ndarray) -> None:
         with self._cv:
             self._raise_error()
             self._pending.append((checkpoint, np.array(new_losses, np.float32)))
+            self.steps_logged += len(new_losses)
             self._cv.notify()
 
     def close(self) -> None:
@@ -224,8 +256,7 @@ class Writer:
 
     def _raise_error(self) -> None:
         if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            raise self._error
 
     def _work(self) -> None:
         while True:
@@ -237,6 +268,9 @@ class Writer:
                 batch, self._pending = self._pending, []
             t0 = time.perf_counter()
             try:
+                if not self._started:
+                    self.log.truncate(self._keep)
+                    self._started = True
                 for _, losses in batch:
                     self.log.append(losses)
                 save(self.path, batch[-1][0])

@@ -25,7 +25,8 @@ Every reference is :func:`jaxbirds.model.forward`, the forward pass that trains.
   operations moves each entry by a few units in the last place *of the largest
   terms that made it*, so small entries are judged against the tensor's largest,
   not against themselves. ``rtol`` is ~100 units of roundoff (float32: 1e-5),
-  so a rule that is wrong by 1e-4 relative fails by a factor of ten.
+  so a rule that is wrong by 1e-4 relative in a tensor's largest entries fails
+  by a factor of ten.
 * ``noise * N_T`` is the rounding noise of the reference itself on this tensor,
   at this point, measured: ``N_T = max|ref_T(float32) - ref_T(float64)|`` for the
   same parameters and batch (in a float64 check, scaled down by the ratio of the

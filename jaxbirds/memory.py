@@ -1,7 +1,8 @@
 """A memory budget: sizes that cannot fit are refused with a clear error, before any work starts.
 
-The budget is a share of the memory the machine has available *now*
-(``MemAvailable`` in ``/proc/meminfo``, or the physical memory elsewhere).
+The budget is a share of the memory available *now* where the programs run:
+the accelerator's own memory on a GPU, the host's (``MemAvailable`` in
+``/proc/meminfo``, or the physical memory elsewhere) on the CPU.
 Two kinds of check use it:
 
 * :func:`require` - an estimate made before anything is allocated (the
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from jaxbirds.errors import MemoryBudgetError
 
 #: Share of the available memory one program may plan to use.
@@ -24,7 +27,16 @@ BUDGET_SHARE = 0.5
 
 
 def available_bytes() -> int:
-    """Memory available to a new allocation now (Linux: ``MemAvailable``), else the physical memory."""
+    """Memory available to a new allocation now, on the device programs run on.
+
+    An accelerator reports its own (``bytes_limit - bytes_in_use``); on the CPU
+    it is the host's ``MemAvailable`` (Linux), else its physical memory.
+    """
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -87,7 +88,8 @@ def check_writable_file(path: Path) -> Path:
 
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over a saved one unless asked to; check ``out`` can be written."""
+    """Refuse to start a new run over a saved one unless asked to; check ``out`` and the files
+    a run writes into it can be written."""
     saved = Path(out) / CHECKPOINT
     if not resume and saved.exists() and not overwrite:
         raise OutputError(
@@ -95,6 +97,35 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
             "--overwrite to replace it, or another --out"
         )
     check_writable_dir(out)
+    for name in (CHECKPOINT, checkpoint.LOSS_LOG, METRICS, LOSS_PLOT):
+        if (Path(out) / name).is_dir():
+            raise OutputError(f"{Path(out) / name} is a directory; a run writes a file there")
+
+
+def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: RunOptions, say) -> int:
+    """Save the last state whose loss is finite (log first, then checkpoint) and say what to do."""
+    ckpt_path, out = options.out / CHECKPOINT, shlex.quote(str(options.out))
+    good = result.state
+    logged = writer.steps_logged
+    if not writer.started:
+        loss_log.truncate(start.state.step)
+    if good.step > logged:  # the log always holds at least the checkpoint's steps
+        loss_log.append(result.losses[logged : good.step])
+    checkpoint.save(ckpt_path, start._replace(state=jax.device_get(good), stats=None))
+    lr = start.train_config.learning_rate
+    if good.step == result.diverged_at:
+        say(
+            f"error: the loss is already non-finite at step {result.diverged_at:,}, the first step of this call: "
+            f"the saved state itself gives it, so no learning rate can continue from it. Start again with a "
+            f"lower learning rate:\n  python scripts/train.py --overwrite --out {out} --lr {lr / 10:g}"
+        )
+    else:
+        say(
+            f"error: the loss became non-finite at step {result.diverged_at:,}. The last state with a finite loss "
+            f"(step {good.step:,}) is saved in {ckpt_path}. Continue from it with a lower learning rate:\n"
+            f"  python scripts/train.py --resume --out {out} --lr {lr / 10:g}"
+        )
+    return DIVERGED
 
 
 def finite_or_none(value):
@@ -123,18 +154,25 @@ def run(
     say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
     if options.plot:
         plots.require()
+    if options.samples:
+        sample.check_fits(start.state.params, options.samples, sample.MAX_LENGTH, start.model_config.context_size)
     t_start = time.perf_counter()
     ckpt_path = options.out / CHECKPOINT
     tc = start.train_config
     loss_log = LossLog(options.out / checkpoint.LOSS_LOG)
-    history = loss_log.read(start.state.step)
-    loss_log.truncate(start.state.step)  # drop entries of a chunk whose checkpoint never landed
-    writer = checkpoint.Writer(ckpt_path, loss_log)
+    history = loss_log.read(start.state.step)  # nothing is written before the first chunk is done
+    writer = checkpoint.Writer(ckpt_path, loss_log, keep=start.state.step)
     recent = collections.deque(maxlen=options.log_every)
     next_log = [start.state.step + options.log_every]
 
     def on_chunk(progress: train.Progress, state: train.TrainState, chunk_losses: np.ndarray) -> None:
-        writer.submit(start._replace(state=state, stats=None), chunk_losses)
+        if not writer.started:  # the results of a run this one replaces no longer describe --out
+            for stale in (METRICS, LOSS_PLOT):
+                (options.out / stale).unlink(missing_ok=True)
+        try:
+            writer.submit(start._replace(state=state, stats=None), chunk_losses)
+        except OSError as err:
+            raise OutputError(f"cannot save the checkpoint {ckpt_path}: {err}") from None
         recent.extend(chunk_losses)
         if progress.step >= next_log[0] or progress.step == progress.total:
             next_log[0] = (progress.step // options.log_every + 1) * options.log_every
@@ -149,12 +187,11 @@ def run(
         )
     finally:
         t_wait = time.perf_counter()
-        writer.close()
+        try:
+            writer.close()
+        except OSError as err:
+            raise OutputError(f"cannot save the checkpoint {ckpt_path}: {err}") from None
         wait_seconds = time.perf_counter() - t_wait
-    if result.diverged_at is not None:  # save the last state with a finite loss, and its history
-        checkpoint.save(ckpt_path, start._replace(state=result.state, stats=None))
-        loss_log.truncate(start.state.step)
-        loss_log.append(result.losses[start.state.step :])
     trained = result.state.step - start.state.step
     rate = trained / result.train_seconds if result.train_seconds > 0 else float("nan")
     say(
@@ -163,14 +200,12 @@ def run(
         f"{wait_seconds:.2f} s waited for)"
     )
     if result.diverged_at is not None:
-        say(
-            f"error: the loss became non-finite at step {result.diverged_at:,}. The last state with a finite loss "
-            f"(step {result.state.step:,}) is saved in {ckpt_path}. Continue from it with a lower learning rate:\n"
-            f"  python scripts/train.py --resume --out {options.out} --lr {tc.learning_rate / 10:g}"
-        )
-        return DIVERGED
+        return _diverged(result, start, writer, loss_log, options, say)
     if result.stopped:
-        say(f"interrupted at step {result.state.step:,}: saved {ckpt_path}; continue with --resume --out {options.out}")
+        say(
+            f"interrupted at step {result.state.step:,}: saved {ckpt_path}; continue with "
+            f"python scripts/train.py --resume --out {shlex.quote(str(options.out))}"
+        )
         return INTERRUPTED
 
     params = result.state.params
@@ -185,14 +220,15 @@ def run(
         + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in split_losses.items())
     )
 
-    samples = sample.sample_names(
-        train.keys_for(tc.seed).sample, params, stats, dataset.vocab,
-        start.model_config.context_size, count=max(options.samples, 1),
-    )  # fmt: skip
-    memorised = samples.memorised_share(dataset.train.names)
+    names, memorised = [], None
     if options.samples:
+        samples = sample.sample_names(
+            train.keys_for(tc.seed).sample, params, stats, dataset.vocab,
+            start.model_config.context_size, count=options.samples,
+        )  # fmt: skip
+        names, memorised = samples.names, samples.memorised_share(dataset.train.names)
         say(f"samples ({memorised:.0%} are names from the training split):")
-        for name, finished in zip(samples.names, samples.finished[: options.samples], strict=False):
+        for name, finished in zip(samples.names, samples.finished, strict=True):
             say(f"  {name}" + ("" if finished else " ..."))
 
     metrics = {
@@ -213,7 +249,7 @@ def run(
             "device": str(jax.devices()[0].device_kind),
             "jax_version": jax.__version__,
         },
-        "samples": samples.names[: options.samples],
+        "samples": names,
         "memorised_share": memorised,
         "loss_history": [round(float(x), 5) for x in result.losses],
     }
@@ -222,7 +258,7 @@ def run(
         say(f"wrote {path}")
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
     text = json.dumps(finite_or_none(metrics), indent=1, allow_nan=False)
-    tmp = options.out / f".{METRICS}.tmp"
+    tmp = options.out / f".{METRICS}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     os.replace(tmp, options.out / METRICS)
     say(f"wrote {ckpt_path} and {options.out / METRICS} in {format_seconds(metrics['timing']['total_seconds'])}")

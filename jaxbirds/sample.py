@@ -25,6 +25,9 @@ from jaxbirds.data import Vocabulary
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import BatchNormStats, Params
 
+#: The longest name drawn unless asked otherwise.
+MAX_LENGTH = 50
+
 
 @functools.partial(jax.jit, static_argnames=("count", "max_length", "context_size"))
 def sample_ids(
@@ -76,6 +79,24 @@ def decode(ids: np.ndarray, vocab: Vocabulary) -> Samples:
     return Samples(names, finished)
 
 
+def check_fits(params: Params, count: int, max_length: int, context_size: int, budget: int | None = None) -> None:
+    """Refuse a request whose names cannot all be drawn at once within the memory budget.
+
+    Per name: its ids and context (int32), and a few rows of hidden and output
+    activations (``hidden + vocabulary`` values) for the position in flight.
+    """
+    if count < 1 or max_length < 1:
+        raise ConfigError(f"count and max_length must be >= 1, got {count} and {max_length}")
+    itemsize = params["W1"].dtype.itemsize
+    per_name = 4 * (max_length + context_size) + 4 * itemsize * (params["W1"].shape[1] + params["W2"].shape[1])
+    memory.require(
+        count * per_name,
+        f"sampling {count:,} names of up to {max_length:,} characters",
+        "ask for fewer names (--count, --samples) or shorter ones (--max-length)",
+        budget,
+    )
+
+
 def sample_names(
     key: jax.Array,
     params: Params,
@@ -84,25 +105,16 @@ def sample_names(
     context_size: int,
     count: int = 10,
     temperature: float = 1.0,
-    max_length: int = 50,
+    max_length: int = MAX_LENGTH,
 ) -> Samples:
     """Generate ``count`` names. ``temperature`` must be positive; ``max_length`` bounds each name.
 
-    All names are drawn at once, so ``count`` is checked against the memory
-    budget first (per name: its ids, a context, and one row of hidden and output
-    activations per position in flight).
+    All names are drawn at once, so the request is checked against the memory
+    budget first (:func:`check_fits`).
     """
     if not (np.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature must be a positive number, got {temperature}")
-    if count < 1 or max_length < 1:
-        raise ConfigError(f"count and max_length must be >= 1, got {count} and {max_length}")
-    itemsize = params["W1"].dtype.itemsize
-    per_name = 4 * (max_length + context_size) + 4 * itemsize * (params["W1"].shape[1] + params["W2"].shape[1])
-    memory.require(
-        count * per_name,
-        f"sampling {count:,} names of up to {max_length:,} characters",
-        "ask for fewer names (--count) or shorter ones (--max-length)",
-    )
+    check_fits(params, count, max_length, context_size)
     ids = sample_ids(
         key, params, stats, jnp.asarray(temperature, params["W1"].dtype),
         count=count, max_length=max_length, context_size=context_size,

@@ -13,8 +13,10 @@ uninterrupted one.
 
 One program serves a whole run: a chunk takes its first step and a ``stop``
 step as arguments and leaves the state unchanged past ``stop``, so the last,
-shorter chunk of a run, a replay after divergence, another seed or another
-step count all reuse the executable (see :func:`compiled_chunk`).
+shorter chunk of a run, a replay after divergence, another seed, or another
+step count of at least one chunk all reuse the executable (see
+:func:`compiled_chunk`; a run shorter than one chunk compiles a chunk of its
+own length rather than compute steps it would throw away).
 
 Gradient modes (``TrainConfig.grad_mode``):
 
@@ -47,6 +49,8 @@ GRAD_MODES: tuple[str, ...] = ("autodiff", "custom_vjp", "manual")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 #: Seeds are 32-bit: ``jax.random.key`` folds larger ones onto smaller ones without 64-bit mode.
 SEED_LIMIT = 2**32
+#: Step numbers and sizes reach the compiled program as int32.
+INT32_LIMIT = 2**31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,10 @@ class TrainConfig:
             problems.append(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
         if self.chunk_size < 1 or self.unroll < 1:
             problems.append(f"chunk_size and unroll must be >= 1, got {self.chunk_size}, {self.unroll}")
+        for name in ("steps", "batch_size", "decay_step", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value >= INT32_LIMIT:
+                problems.append(f"{name} must be below 2**31 (it is an int32 in the program), got {value:,}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -287,7 +295,9 @@ def train(
     If a step's loss is not finite, training stops. The state returned is then
     the last one whose own loss is finite: the state one step before the bad
     one, rebuilt by replaying from the start of its chunk (batches depend only
-    on the seed and the step, so the replay retraces the same path).
+    on the seed and the step, so the replay retraces the same path). If the
+    very first loss of the call is not finite, there is no such state: the
+    state passed in is returned, with ``diverged_at == state.step``.
 
     The compiled program is checked against ``memory_budget`` (default: see
     :mod:`jaxbirds.memory`) before it first runs. The parameter and optimiser
@@ -297,10 +307,12 @@ def train(
     if len(Y) < 1:
         raise ConfigError("there are no training examples")
     tc = train_config
-    X, Y = jnp.asarray(X), jnp.asarray(Y)
-    data_key = keys_for(tc.seed).data
     previous = np.zeros(0, np.float32) if losses_so_far is None else np.asarray(losses_so_far, np.float32)
     losses = [previous[: state.step]]
+    if state.step >= tc.steps:  # nothing left to train: no program to compile
+        return TrainResult(state, losses[0], 0.0, 0.0, False, None)
+    X, Y = jnp.asarray(X), jnp.asarray(Y)
+    data_key = keys_for(tc.seed).data
     length = min(tc.chunk_size, tc.steps)
     params, opt_state, step = state
 
@@ -337,7 +349,7 @@ def train(
             diverged_at = step + int(bad[0])
             losses.append(chunk_losses[: bad[0]])
             # loss[t] is the loss of the state after t steps: the state after diverged_at - 1 steps
-            # is the last with a finite loss of its own (none if the very first loss is bad).
+            # is the last with a finite loss of its own (none if the call's very first loss is bad).
             last_finite = diverged_at - 1
             good = state_at(last_finite) if last_finite >= starts[0].step else starts[0]
             history = np.concatenate(losses)[: good.step]

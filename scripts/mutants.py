@@ -103,8 +103,8 @@ MUTANTS = [
     Mutant(
         "atomic-max-first",
         "jaxbirds/manual.py",
-        "is_max / counts",
-        'jax.nn.one_hot(jnp.argmax(v["logits"], axis=1), V, dtype=v["logits"].dtype)',
+        '(g["logit_maxes"] / counts) * is_max',
+        'g["logit_maxes"] * jax.nn.one_hot(jnp.argmax(v["logits"], axis=1), V, dtype=v["logits"].dtype)',
         "a tie for the row maximum sends the whole gradient to the first maximum",
     ),
     Mutant(
@@ -145,8 +145,8 @@ MUTANTS = [
     Mutant(
         "checker-loose",
         "jaxbirds/gradcheck.py",
-        "close=bool(max_abs <= tol.rtol * scale)",
-        "close=bool(max_abs <= 100 * tol.rtol * scale)",
+        "close=bool(max_abs <= allowed)",
+        "close=bool(max_abs <= 100 * allowed)",
         "the checker's tolerance is 100x looser than documented",
     ),
     Mutant(
@@ -166,15 +166,20 @@ MUTANTS = [
     Mutant(
         "divergence-keeps-bad-state",
         "jaxbirds/train.py",
-        "last_finite = step_before(diverged_at)",
+        "last_finite = diverged_at - 1",
         "last_finite = diverged_at",
         "on divergence the saved state is the one that produced the bad loss",
     ),
 ]
 
 
-def run_suite(timeout: float) -> tuple[bool, float]:
-    """Run the default suite, stopping at the first failure; ``(passed, seconds)``."""
+def run_suite(timeout: float) -> tuple[str, float]:
+    """Run the default suite, stopping at the first failure: ``("SURVIVED" | "killed" | "timed out", seconds)``.
+
+    A time-out is reported as such, not as a kill: it may be a mutant that hangs
+    (caught) or a survivor on a slow machine (not caught). Raise ``--timeout``
+    to tell which.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree's package, even beside an editable install
     t0 = time.perf_counter()
     try:
@@ -183,8 +188,8 @@ def run_suite(timeout: float) -> tuple[bool, float]:
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        return False, time.perf_counter() - t0  # a hang counts as caught
-    return proc.returncode == 0, time.perf_counter() - t0
+        return "timed out", time.perf_counter() - t0
+    return ("SURVIVED" if proc.returncode == 0 else "killed"), time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -208,16 +213,17 @@ def main(argv=None) -> int:
             continue
         path.write_text(original.replace(m.old, m.new))
         try:
-            passed, seconds = run_suite(args.timeout)
+            results[m.name], seconds = run_suite(args.timeout)
         finally:
             path.write_text(original)
-        results[m.name] = "SURVIVED" if passed else "killed"
         print(f"{m.name:<28} {results[m.name]:<9} {seconds:5.0f} s  ({m.bug})", flush=True)
 
     live = [name for name, r in results.items() if r != "stale"]
     survived = [name for name in live if results[name] == "SURVIVED"]
+    timed_out = [name for name in live if results[name] == "timed out"]
     print(
         f"\n{len(survived)} of {len(live)} mutants survived ({len(survived) / max(len(live), 1):.0%})"
+        + (f"; timed out: {', '.join(timed_out)}" if timed_out else "")
         + (f"; stale: {len(results) - len(live)}" if len(live) < len(results) else "")
     )
     return 1 if survived else 0

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     stats = ckpt.stats
     dataset = data.load_dataset(args.data, ckpt.model_config.context_size)
     checkpoint.check_compatible(ckpt, dataset.vocab, dataset.context_size)
+    sample.check_fits(ckpt.state.params, args.count, args.max_length, ckpt.model_config.context_size)
     if stats is None:  # a run interrupted before calibration: calibrate now
         stats = evaluate.calibrate(ckpt.state.params, dataset.train.X)
     samples = sample.sample_names(

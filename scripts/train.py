@@ -91,7 +91,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def new_run(args, dataset: data.Dataset) -> Checkpoint:
+def new_configs(args, dataset: data.Dataset) -> tuple[model.ModelConfig, train.TrainConfig]:
+    """The configurations of a new run: the flags given, the defaults for the rest."""
     model_config = model.ModelConfig(
         vocab_size=dataset.vocab.size,
         context_size=dataset.context_size,
@@ -108,12 +109,7 @@ def new_run(args, dataset: data.Dataset) -> Checkpoint:
         "grad_mode": args.grad,
         "chunk_size": args.chunk,
     }
-    train_config = train.TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    train.check_fits(model_config, train_config)
-    state = train.init_state(model_config, train_config)
-    return Checkpoint(
-        state, None, dataset.vocab, model_config, train_config, DataSource(dataset.source, dataset.sha256)
-    )
+    return model_config, train.TrainConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
@@ -164,7 +160,7 @@ def _number(value) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runner.prepare_output(args.out, resume=args.resume, overwrite=args.overwrite)
+    # Everything is checked before anything is written: a refused command leaves --out as it was.
     ckpt_path = args.out / runner.CHECKPOINT
     if args.resume:
         saved = checkpoint.load(ckpt_path)
@@ -177,13 +173,19 @@ def main(argv=None) -> int:
                 f"{saved.data.sha256[:12]}...): the data are fixed for a saved run"
             )
         start, changes = resumed_run(args, saved)
+        runner.prepare_output(args.out, resume=True, overwrite=False)
         print(
             f"resuming {ckpt_path} at step {start.state.step:,} of {start.train_config.steps:,}"
             + (f"; changed: {', '.join(changes)}" if changes else "")
         )
     else:
         dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
-        start = new_run(args, dataset)
+        model_config, train_config = new_configs(args, dataset)
+        train.check_fits(model_config, train_config)
+        runner.prepare_output(args.out, resume=False, overwrite=args.overwrite)
+        state = train.init_state(model_config, train_config)
+        source = DataSource(dataset.source, dataset.sha256)
+        start = Checkpoint(state, None, dataset.vocab, model_config, train_config, source)
     tc = start.train_config
     print(dataset.summary())
     print(

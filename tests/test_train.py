@@ -193,19 +193,26 @@ def test_divergence_returns_the_last_state_whose_own_loss_is_finite(dataset, dat
     assert np.isfinite(float(model.loss(result.state.params, X[rows], Y[rows])))
 
 
-def test_an_infinite_loss_is_divergence_too(dataset, data):
-    def infinite_after_ten(params, X, Y):
-        loss, grads = train.loss_and_grads_fn("autodiff")(params, X, Y)
-        return jnp.where(params["b2"][0] < -1e9, jnp.inf, loss), grads
+def test_train_stops_at_an_infinite_loss_not_only_at_nan(dataset, data, monkeypatch):
+    """A probe gradient pushes b2[0] down by lr every step and reports +inf (never NaN) once it has
+    fallen by 0.55: that is step 6 at lr 0.1."""
 
-    config = dataclasses.replace(SMALL, chunk_size=50)
+    def falling(grad_mode):
+        def loss_and_grads(params, X, Y):
+            loss = jnp.where(params["b2"][0] < -0.55, jnp.inf, 1.0)
+            grads = jax.tree.map(jnp.zeros_like, params)
+            return loss, {**grads, "b2": grads["b2"].at[0].set(1.0)}
+
+        return loss_and_grads
+
+    monkeypatch.setattr(train, "loss_and_grads_fn", falling)
+    monkeypatch.setattr(train, "_COMPILED", {})
+    config = dataclasses.replace(SMALL, learning_rate=0.1, chunk_size=4, decay_step=1000)
     state = train.init_state(small_model(dataset), config)
-    state = state._replace(params={**state.params, "b2": state.params["b2"].at[0].set(-1e10)})
-    X, Y = data
-    chunk = train.make_chunk_fn(config, 50, infinite_after_ten)
-    _, _, losses = chunk(*state[:2], 0, 50, X, Y, train.keys_for(config.seed).data)
-    assert np.all(np.isinf(np.asarray(losses)))
-    assert not np.isnan(np.asarray(losses)).any()  # a NaN check alone would miss these
+    state = state._replace(params={**state.params, "b2": state.params["b2"].at[0].set(0.0)})
+    result = train.train(*data, config, state)
+    assert result.diverged_at == 6 and result.state.step == 5
+    np.testing.assert_array_equal(result.losses, np.ones(5))
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -262,6 +269,8 @@ def test_a_training_program_too_big_for_the_budget_is_refused_before_it_runs(dat
         (dict(grad_mode="magic"), "grad_mode"),
         (dict(optimizer="lion"), "optimizer"),
         (dict(seed=2**32), "seed"),
+        (dict(decay_step=2**31), "2\\*\\*31"),
+        (dict(steps=2**31, chunk_size=2**31), "2\\*\\*31"),
         (dict(seed=-1), "seed"),
     ],
 )
