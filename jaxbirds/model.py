@@ -15,6 +15,7 @@ the same every way, only the way to the gradient differs:
 
 * ``"autodiff"``   - :mod:`jaxbirds.ops` (``batch_norm``, ``cross_entropy``); JAX derives the backward pass;
 * ``"custom_vjp"`` - :mod:`jaxbirds.vjp`, whose backward passes are written by hand;
+* ``"custom_jvp"`` - :mod:`jaxbirds.jvp`, whose forward-mode rules are written by hand (JAX transposes them);
 * ``"tutorial"``   - the tutorial's atomic steps (``bnmeani`` ... ``logprobs``), for the atomic manual pass.
 
 A ``tap(name, value) -> value`` hook sees every named intermediate as it is
@@ -34,13 +35,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxbirds import ops, vjp
+from jaxbirds import jvp, ops, vjp
 from jaxbirds.errors import ConfigError
 from jaxbirds.ops import Tap, no_tap
 
 Params = dict[str, jax.Array]
-Rules = Literal["autodiff", "custom_vjp", "tutorial"]
-RULES: tuple[str, ...] = ("autodiff", "custom_vjp", "tutorial")
+Rules = Literal["autodiff", "custom_vjp", "custom_jvp", "tutorial"]
+RULES: tuple[str, ...] = ("autodiff", "custom_vjp", "custom_jvp", "tutorial")
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 
 
@@ -165,6 +166,8 @@ def forward(
         hpreact = ops.batch_norm_eval(hprebn, gain, bias, stats.mean, stats.var)
     elif rules == "custom_vjp":
         hpreact = vjp.batch_norm(hprebn, gain, bias)
+    elif rules == "custom_jvp":
+        hpreact = jvp.batch_norm(hprebn, gain, bias)
     elif rules == "tutorial":
         hpreact = ops.batch_norm_steps(hprebn, gain, bias, tap=tap)
     else:
@@ -179,6 +182,8 @@ def forward(
     chex.assert_shape(Y, (X.shape[0],))
     if rules == "custom_vjp":
         return vjp.cross_entropy(logits, Y)
+    if rules == "custom_jvp":
+        return jvp.cross_entropy(logits, Y)
     if rules == "tutorial":
         return ops.cross_entropy_steps(logits, Y, tap)
     return ops.cross_entropy(logits, Y)

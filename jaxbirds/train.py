@@ -1,4 +1,4 @@
-"""Training: one compiled, scan-fused loop for three ways of computing the gradient.
+"""Training: one compiled, scan-fused loop for four ways of computing the gradient.
 
 A *chunk* of ``chunk_size`` SGD steps is one call of one compiled program:
 ``lax.scan`` runs the steps on the device, drawing each minibatch inside with
@@ -21,10 +21,12 @@ own length rather than compute steps it would throw away).
 Gradient modes (``TrainConfig.grad_mode``):
 
 * ``autodiff``   - ``jax.value_and_grad`` of the model with the plain rules (:mod:`jaxbirds.ops`);
-* ``custom_vjp`` - ``jax.value_and_grad`` of the model with the hand-written rules (:mod:`jaxbirds.vjp`);
+* ``custom_vjp`` - ``jax.value_and_grad`` of the model with the hand-written VJP rules (:mod:`jaxbirds.vjp`);
+* ``custom_jvp`` - ``jax.value_and_grad`` of the model with the hand-written JVP rules (:mod:`jaxbirds.jvp`),
+  which JAX transposes into the backward pass;
 * ``manual``     - :func:`jaxbirds.manual.fused_backward`; no ``jax.grad`` at all.
 
-All three hand their gradients to the same optax optimiser.
+All four hand their gradients to the same optax optimiser.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig, Params
 from jaxbirds.ops import check_batch_size
 
-GRAD_MODES: tuple[str, ...] = ("autodiff", "custom_vjp", "manual")
+GRAD_MODES: tuple[str, ...] = ("autodiff", "custom_vjp", "custom_jvp", "manual")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 #: Seeds are 32-bit: ``jax.random.key`` folds larger ones onto smaller ones without 64-bit mode.
 SEED_LIMIT = 2**32
@@ -160,8 +162,8 @@ def keys_for(seed: int) -> Keys:
 
 
 def loss_and_grads_fn(grad_mode: str) -> Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, Params]]:
-    """``(params, X, Y) -> (loss, grads)`` for one of the three gradient modes."""
-    if grad_mode in ("autodiff", "custom_vjp"):
+    """``(params, X, Y) -> (loss, grads)`` for one of the gradient modes."""
+    if grad_mode in ("autodiff", "custom_vjp", "custom_jvp"):
         return jax.value_and_grad(functools.partial(model.loss, rules=grad_mode))
     if grad_mode == "manual":
 

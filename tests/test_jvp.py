@@ -1,0 +1,148 @@
+"""The hand-written custom_jvp rules: reverse mode by transposition, forward mode, higher order."""
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+from test_vjp import assert_close, bn_inputs, bn_term_scale, ce_inputs
+
+from jaxbirds import gradcheck, jvp, model, ops, vjp
+
+DTYPES = [jnp.float32, jnp.float64]
+
+
+@jax.jit
+def transposed_and_plain(logits, labels, x, gain, bias, dy):
+    """jax.grad / jax.vjp through the custom_jvp rules (JAX transposes them) and through plain jnp."""
+    ce = jax.grad(jvp.cross_entropy)(logits, labels), jax.grad(ops.cross_entropy)(logits, labels)
+    bn = jax.vjp(jvp.batch_norm, x, gain, bias)[1](dy), jax.vjp(ops.batch_norm, x, gain, bias)[1](dy)
+    return ce, bn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_equal_the_plain_operations(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        logits, labels = ce_inputs(0, 32, 29, 2.0, dtype)
+        x, gain, bias, _ = bn_inputs(1, 32, 64, 1.0, dtype)
+        np.testing.assert_array_equal(jvp.cross_entropy(logits, labels), ops.cross_entropy(logits, labels))
+        np.testing.assert_array_equal(jvp.batch_norm(x, gain, bias), ops.batch_norm(x, gain, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reverse_mode_by_transposition_matches_jax_grad(dtype):
+    tol = gradcheck.tolerance_for(dtype)
+    with jax.enable_x64(dtype == jnp.float64):
+        logits, labels = ce_inputs(2, 32, 29, 2.0, dtype)
+        x, gain, bias, dy = bn_inputs(3, 32, 64, 1.0, dtype)
+        (ce_ours, ce_ref), (bn_ours, bn_ref) = jax.device_get(transposed_and_plain(logits, labels, x, gain, bias, dy))
+    assert ce_ours.dtype == np.dtype(dtype)
+    assert_close(ce_ours, ce_ref, tol)
+    assert_close(bn_ours, bn_ref, tol)
+
+
+@settings(max_examples=6, deadline=None)  # every new shape is a new compile
+@given(n=st.integers(2, 64), classes=st.integers(2, 64), hidden=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_both_rules_over_random_shapes_float64(n, classes, hidden, seed):
+    with jax.enable_x64(True):
+        logits, labels = ce_inputs(seed, n, classes, 3.0, jnp.float64)
+        x, gain, bias, dy = bn_inputs(seed + 1, n, hidden, 2.0, jnp.float64)
+        (ce_ours, ce_ref), (bn_ours, bn_ref) = jax.device_get(transposed_and_plain(logits, labels, x, gain, bias, dy))
+    f64 = gradcheck.tolerance_for(np.float64)
+    assert_close(ce_ours, ce_ref, f64)
+    assert_close(bn_ours[0], bn_ref[0], f64, floor=100 * np.finfo(np.float64).eps * bn_term_scale(x, gain, dy))
+    assert_close(bn_ours[1:], bn_ref[1:], f64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_checker_passes_the_custom_jvp_model(dataset, dtype):
+    """jax.grad through the transposed rules, in the gradient checker's table, at its tolerances."""
+    with jax.enable_x64(dtype == jnp.float64):
+        config = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=64)
+        params = model.init_params(jax.random.key(1), config, jnp.dtype(dtype))
+        X, Y = jnp.asarray(dataset.train.X[:32]), jnp.asarray(dataset.train.Y[:32])
+        rows = gradcheck.custom_jvp_rows(params, X, Y, gradcheck.tolerance_for(dtype))
+    assert all(r.close for r in rows), gradcheck.format_table(rows, "custom_jvp")
+
+
+# --- forward mode and higher order, through the whole model (float64) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(dataset):
+    """A model small enough for a full Hessian: 239 parameters."""
+    with jax.enable_x64(True):
+        config = model.ModelConfig(vocab_size=dataset.vocab.size, embedding_dim=2, hidden=4)
+        params = model.init_params(jax.random.key(2), config, jnp.float64)
+    return params, jnp.asarray(dataset.train.X[:16]), jnp.asarray(dataset.train.Y[:16])
+
+
+def flat_loss(rules, params, X, Y):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    return flat, lambda v: model.loss(unravel(v), X, Y, rules=rules)
+
+
+def test_jvp_and_jacfwd_through_the_custom_jvp_model(tiny):
+    params, X, Y = tiny
+    with jax.enable_x64(True):
+        flat, ours = flat_loss("custom_jvp", params, X, Y)
+        _, plain = flat_loss("autodiff", params, X, Y)
+        direction = jnp.asarray(np.random.default_rng(0).standard_normal(flat.shape))
+        (v1, t1), (v2, t2) = jax.jvp(ours, (flat,), (direction,)), jax.jvp(plain, (flat,), (direction,))
+        np.testing.assert_allclose(v1, v2, rtol=1e-14)
+        np.testing.assert_allclose(t1, t2, rtol=1e-11)
+        np.testing.assert_allclose(jax.jacfwd(ours)(flat), jax.jacfwd(plain)(flat), rtol=1e-10, atol=1e-15)
+
+
+def test_hessian_through_the_custom_jvp_model(tiny):
+    params, X, Y = tiny
+    with jax.enable_x64(True):
+        flat, ours = flat_loss("custom_jvp", params, X, Y)
+        _, plain = flat_loss("autodiff", params, X, Y)
+        h_ours, h_plain = jax.jit(jax.hessian(ours))(flat), jax.jit(jax.hessian(plain))(flat)
+    assert h_ours.shape == (flat.size, flat.size)
+    np.testing.assert_allclose(h_ours, h_plain, rtol=1e-9, atol=1e-12 * float(np.abs(h_plain).max()))
+    np.testing.assert_allclose(h_ours, h_ours.T, rtol=1e-9, atol=1e-12 * float(np.abs(h_plain).max()))
+
+
+@pytest.mark.parametrize("rules", ["custom_vjp", "custom_jvp"])
+def test_reverse_over_reverse_agrees_for_every_rule_set(tiny, rules):
+    """grad of the squared gradient norm: JAX differentiates the hand-written backward rule
+    (custom_vjp) or the transposed forward rule (custom_jvp) a second time."""
+    params, X, Y = tiny
+    with jax.enable_x64(True):
+
+        def grad_norm(p, rules):
+            g = jax.grad(model.loss)(p, X, Y, rules=rules)
+            return sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(g))
+
+        ours = jax.jit(jax.grad(grad_norm), static_argnums=1)(params, rules)
+        ref = jax.jit(jax.grad(grad_norm), static_argnums=1)(params, "autodiff")
+    for name in model.PARAM_NAMES:
+        np.testing.assert_allclose(ours[name], ref[name], rtol=1e-9, atol=1e-13, err_msg=name)
+
+
+def test_forward_mode_through_custom_vjp_fails_with_jaxs_error():
+    """The documented limit of custom_vjp: reverse mode only."""
+    x, gain, bias, _ = bn_inputs(4, 8, 3, 1.0, jnp.float32)
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(vjp.batch_norm, (x, gain, bias), (x, gain, bias))
+    logits, labels = ce_inputs(5, 8, 4, 1.0, jnp.float32)
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(lambda lg: vjp.cross_entropy(lg, labels), (logits,), (logits,))
+
+
+@pytest.mark.parametrize(
+    "module, modes", [(jvp, ("fwd", "rev")), (vjp, ("rev",))], ids=["custom_jvp: fwd+rev", "custom_vjp: rev"]
+)
+def test_second_order_finite_differences(module, modes):
+    """check_grads(order=2) in every mode each rule set supports (float64)."""
+    with jax.enable_x64(True):
+        logits, labels = ce_inputs(6, 5, 4, 1.0, jnp.float64)
+        x, gain, bias, _ = bn_inputs(7, 5, 3, 1.0, jnp.float64)
+        tol = dict(eps=1e-4, atol=1e-5, rtol=1e-5)
+        check_grads(lambda lg: module.cross_entropy(lg, labels), (logits,), order=2, modes=modes, **tol)
+        check_grads(module.batch_norm, (x, gain, bias), order=2, modes=modes, **tol)
