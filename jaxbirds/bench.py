@@ -7,7 +7,7 @@ medians of ``repeats`` runs after a warm-up run; the min-max spread is kept.
 Studies:
 
 * :func:`dispatch_study`  - eager vs jit-per-step vs scan-fused chunks (and unrolling);
-* :func:`modes_study`     - autodiff vs custom_vjp vs fused manual vs atomic manual;
+* :func:`modes_study`     - autodiff vs custom_vjp vs custom_jvp vs fused manual vs atomic manual;
 * :func:`xla_study`       - what XLA compiled: FLOPs, bytes, kernels (thunks) per step;
 * :func:`scaling_study`   - batch and hidden sweeps, float32 vs float64;
 * :func:`vmap_study`      - K independent models trained in one compiled step;
@@ -222,6 +222,7 @@ def modes_study(b: Bench) -> list[Row]:
     for name, mode, grad_fn in [
         ("autodiff", "autodiff", None),
         ("custom_vjp", "custom_vjp", None),
+        ("custom_jvp", "custom_jvp", None),
         ("manual (fused)", "manual", None),
         ("manual (atomic)", "manual", atomic_loss_and_grads),
     ]:
@@ -287,6 +288,7 @@ def xla_study(b: Bench, modes_rows: list[Row] | None = None) -> list[Row]:
     for name, fn in [
         ("autodiff", train.loss_and_grads_fn("autodiff")),
         ("custom_vjp", train.loss_and_grads_fn("custom_vjp")),
+        ("custom_jvp", train.loss_and_grads_fn("custom_jvp")),
         ("manual (fused)", train.loss_and_grads_fn("manual")),
         ("manual (atomic)", atomic_loss_and_grads),
     ]:

@@ -8,10 +8,13 @@
   ``p_t`` (``dloss/dp_t = dloss/dt``). Both sides read one shared forward pass
   (``jax.vjp`` returns the intermediates with the pullback), as in the tutorial,
   where both backward passes read the same forward tensors.
-* :func:`fused_vs_reference`, :func:`custom_vjp_vs_reference` - the fused manual
-  pass and ``jax.grad`` through the custom-VJP rules, against ``jax.grad`` of
-  the plain model: parameters, ``hprebn`` and ``logits``. Each side runs its own
-  forward pass (the fused pass records what it needs from it).
+* :func:`fused_vs_reference`, :func:`custom_vs_reference` - the fused manual
+  pass, and ``jax.grad`` through the custom-VJP rules or through the custom-JVP
+  rules (which JAX transposes), against ``jax.grad`` of the plain model:
+  parameters, ``hprebn`` and ``logits``. Each side runs its own forward pass
+  (the fused pass records what it needs from it).
+* :func:`summary_table` - all methods side by side; :func:`backward_jaxprs` -
+  what each rule set's backward pass of batch norm compiles from.
 * :func:`compare` - the tutorial's ``cmp``, extended: exact (bitwise), close
   (within the tolerance below), the largest difference and what was allowed.
 * :func:`finite_difference_check` - ``jax.test_util.check_grads`` on both custom rules.
@@ -61,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.test_util import check_grads
 
-from jaxbirds import manual, model, vjp
+from jaxbirds import jvp, manual, model, ops, vjp
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import PARAM_NAMES, Params
 
@@ -198,10 +201,11 @@ def fused_vs_reference(params: Params, X: jax.Array, Y: jax.Array) -> tuple[dict
     return ours, gradients(params, X, Y, "autodiff", BOUNDARY)
 
 
-@jax.jit
-def custom_vjp_vs_reference(params: Params, X: jax.Array, Y: jax.Array) -> tuple[dict, dict]:
-    """``jax.grad`` through the custom-VJP rules and through the plain model."""
-    return gradients(params, X, Y, "custom_vjp", BOUNDARY), gradients(params, X, Y, "autodiff", BOUNDARY)
+@functools.partial(jax.jit, static_argnames="rules")
+def custom_vs_reference(params: Params, X: jax.Array, Y: jax.Array, rules: str) -> tuple[dict, dict]:
+    """``jax.grad`` through hand-written rules (``custom_vjp``, or ``custom_jvp`` transposed) and
+    through the plain model."""
+    return gradients(params, X, Y, rules, BOUNDARY), gradients(params, X, Y, "autodiff", BOUNDARY)
 
 
 def reference_noise(params: Params, X, Y, rules: str, names: tuple[str, ...]) -> dict[str, float]:
@@ -259,10 +263,50 @@ def fused_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
 
 def custom_vjp_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
     """Table rows for the custom-VJP model: ``logits``, ``hprebn``, then every parameter."""
+    return _custom_rows(params, X, Y, tol, "custom_vjp")
+
+
+def custom_jvp_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
+    """Table rows for the custom-JVP model (reverse mode by transposition): as :func:`custom_vjp_rows`."""
+    return _custom_rows(params, X, Y, tol, "custom_jvp")
+
+
+def _custom_rows(params: Params, X, Y, tol: Tolerance, rules: str) -> list[Row]:
     with jax.default_matmul_precision(PRECISION):
-        ours, ref = custom_vjp_vs_reference(params, X, Y)
+        ours, ref = custom_vs_reference(params, X, Y, rules)
         noise = reference_noise(params, X, Y, "autodiff", BOUNDARY)
     return _rows(ours, ref, noise, ("logits", "hprebn", *PARAM_NAMES), tol)
+
+
+def summary_table(tables: Mapping[str, list[Row]], title: str) -> str:
+    """One table, one column per method, over the tensors every method reports: each tensor's largest
+    difference as a share of its allowance ("exact" when bitwise equal, bold when over 1)."""
+    reported = [{row.name for row in rows} for rows in tables.values()]
+    names = [row.name for row in next(iter(tables.values())) if all(row.name in r for r in reported)]
+    cells = {(method, row.name): row for method, rows in tables.items() for row in rows}
+
+    def cell(row: Row) -> str:
+        if row.exact:
+            return "exact"
+        share = f"{row.max_abs / row.allowed:.2g}" if row.allowed > 0 else "inf"
+        return share if row.close else f"**{share}**"
+
+    lines = [f"### {title}", "", "| tensor | " + " | ".join(tables) + " |", "| --- |" + " ---: |" * len(tables)]
+    lines += [f"| {name} | " + " | ".join(cell(cells[m, name]) for m in tables) + " |" for name in names]
+    return "\n".join(lines)
+
+
+def backward_jaxprs(n: int = 32, hidden: int = 200, dtype=jnp.float32) -> dict[str, jax.core.ClosedJaxpr]:
+    """The backward pass of batch norm under each rule set, as a jaxpr: the pullback of a cotangent
+    ``dy`` through ``y = batch_norm(x, gain, bias)``, with the forward's residuals as constants."""
+    x = jnp.zeros((n, hidden), dtype) + jnp.arange(n, dtype=dtype)[:, None]
+    gain, bias = jnp.ones((1, hidden), dtype), jnp.zeros((1, hidden), dtype)
+    rules = {"autodiff": ops.batch_norm, "custom_vjp": vjp.batch_norm, "custom_jvp": jvp.batch_norm}
+    out = {}
+    for name, fn in rules.items():
+        _, pullback = jax.vjp(fn, x, gain, bias)
+        out[name] = jax.make_jaxpr(pullback)(jnp.ones_like(x))
+    return out
 
 
 def format_table(rows: list[Row], title: str) -> str:

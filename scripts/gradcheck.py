@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Check every hand-written gradient against jax.grad on a real batch of bird names.
 
-Prints three tables (the atomic manual pass, the fused manual pass, the model
-built on the custom-VJP rules, each against jax.grad of the model that trains)
-and runs finite-difference checks of both custom rules. Exits 1 if any tensor
-is outside tolerance.
+Prints one table per method, each against jax.grad of the model that trains
+(the atomic manual pass, the fused manual pass, jax.grad through the custom_vjp
+rules, and through the custom_jvp rules, which JAX transposes), then all four
+side by side, and runs finite-difference checks of the custom rules. Exits 1 if
+any tensor is outside tolerance. --show-jaxpr prints the backward pass of batch
+norm under each rule set, to see what the hand-written rules remove.
 
 A tensor passes when max|ours - ref| <= rtol * max|ref| + 16 * (the reference's
 own rounding noise on that tensor, measured as jax.grad in float32 against
@@ -45,6 +47,11 @@ def parse_args(argv):
         "--data", type=Path, default=data.DEFAULT_DATA_PATH, help="bird names file (default: the shipped one)"
     )
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write dlogits.png and tolerances.png into DIR")
+    parser.add_argument(
+        "--show-jaxpr",
+        action="store_true",
+        help="print batch norm's backward jaxpr under each rule set, with its equation count",
+    )
     return parser.parse_args(argv)
 
 
@@ -85,9 +92,19 @@ def main(argv=None) -> int:
             "atomic manual backward vs jax.grad": gradcheck.atomic_rows(params, X, Y, tol),
             "fused manual backward vs jax.grad": gradcheck.fused_rows(params, X, Y, tol),
             "custom_vjp rules vs jax.grad": gradcheck.custom_vjp_rows(params, X, Y, tol),
+            "custom_jvp rules, transposed by JAX, vs jax.grad": gradcheck.custom_jvp_rows(params, X, Y, tol),
         }
         for title, rows in tables.items():
             print(gradcheck.format_table(rows, title), end="\n\n")
+        methods = dict(zip(("manual atomic", "manual fused", "custom_vjp", "custom_jvp"), tables.values(), strict=True))
+        print(
+            gradcheck.summary_table(methods, "all four against jax.grad (max diff / allowed; below 1 passes)"),
+            end="\n\n",
+        )
+        if args.show_jaxpr:
+            for rules, jaxpr in gradcheck.backward_jaxprs(dtype=dtype).items():
+                print(f"### batch norm's backward pass, {rules}: {len(jaxpr.jaxpr.eqns)} equations\n")
+                print(f"```\n{jaxpr}\n```\n")
 
         fd_ok = True
         try:

@@ -67,7 +67,8 @@ def parse_args(argv):
         "--grad",
         choices=train.GRAD_MODES,
         help="how gradients are computed: jax.grad of the plain model (autodiff), jax.grad through "
-        "the hand-written custom_vjp rules, or the fused manual backward pass (default autodiff)",
+        "the hand-written custom_vjp rules, jax.grad through the hand-written custom_jvp rules "
+        "(transposed by JAX), or the fused manual backward pass (default autodiff)",
     )
     p.add_argument("--seed", type=cli.seed, help=f"fixes initialisation, batches and samples (default {DEFAULTS.seed})")
     p.add_argument(

@@ -22,7 +22,13 @@ def test_quick_cli_runs_the_gradient_mode_studies_and_saves_json(tmp_path, capsy
         assert f"## {bench.TABLES[name][0]}" in printed
     saved = json.loads(out.read_text())
     assert saved["quick"] and saved["environment"]["jax"]
-    assert [r["mode"] for r in saved["modes"]] == ["autodiff", "custom_vjp", "manual (fused)", "manual (atomic)"]
+    assert [r["mode"] for r in saved["modes"]] == [
+        "autodiff",
+        "custom_vjp",
+        "custom_jvp",
+        "manual (fused)",
+        "manual (atomic)",
+    ]
     assert all(r["us_per_step"] > 0 and math.isfinite(r["us_per_step"]) for r in saved["modes"])
     assert all(r["flops"] > 0 and r["kernels"] >= r["fusions"] > 0 for r in saved["xla"])
 
@@ -50,7 +56,7 @@ def test_model_flops_equals_the_matmuls_jax_grad_really_traces(hidden, batch):
     assert bench.model_flops(config, batch) == matmul_flops_in_jaxpr(jaxpr)
 
 
-@pytest.mark.parametrize("mode", ["autodiff", "custom_vjp", "manual"])
+@pytest.mark.parametrize("mode", train.GRAD_MODES)
 def test_the_compiled_step_holds_six_matrix_products(mode):
     """The XLA study's "dots" column counts matrix products (2 forward, 4 backward), not the
     reduction fusions that share a kernel kind with them."""

@@ -174,13 +174,16 @@ def test_a_planted_error_in_the_fused_pass_fails_the_check(dataset, monkeypatch,
 # --- the script ----------------------------------------------------------------------------------------
 
 
-def test_script_passes_prints_three_tables_and_plots(capsys, tmp_path):
+def test_script_passes_prints_every_table_the_jaxprs_and_plots(capsys, tmp_path):
     """float32 here; float64 through the same functions is covered above and in test_manual."""
     script = load_script("gradcheck")
-    code = script.main(["--hidden", "24", "--batch-size", "16", "--plot", str(tmp_path)])
+    code = script.main(["--hidden", "24", "--batch-size", "16", "--plot", str(tmp_path), "--show-jaxpr"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.count("### ") == 3 and "| bnvar_inv |" in out and "OK: all 44 tensors" in out
+    assert out.count("### ") == 5 + 3 and "| bnvar_inv |" in out and "OK: all 53 tensors" in out
+    assert "| tensor | manual atomic | manual fused | custom_vjp | custom_jvp |" in out
+    counts = {rules: int(out.split(f"backward pass, {rules}: ")[1].split()[0]) for rules in ("autodiff", "custom_vjp")}
+    assert counts["custom_vjp"] < counts["autodiff"]  # what the closed form removes
     assert (tmp_path / "dlogits.png").stat().st_size > 0 and (tmp_path / "tolerances.png").stat().st_size > 0
 
 
