@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import jax
 
 from jaxbirds.errors import JaxbirdsError
 from jaxbirds.train import SEED_LIMIT
@@ -35,6 +39,43 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled programs are kept between runs: ``$JAXBIRDS_CACHE_DIR``, else the user's cache
+    directory (``$XDG_CACHE_HOME/jaxbirds/xla``, by default ``~/.cache/jaxbirds/xla``)."""
+    if os.environ.get("JAXBIRDS_CACHE_DIR"):
+        return Path(os.environ["JAXBIRDS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxbirds" / "xla"
+
+
+def add_compile_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-compile-cache", action="store_true",
+        help=f"do not keep compiled programs between runs (default: kept in {compile_cache_dir()}, "
+        "so a second run loads them instead of compiling; set JAXBIRDS_CACHE_DIR to move it)",
+    )  # fmt: skip
+
+
+def use_compile_cache(args: argparse.Namespace) -> Path | None:
+    """Turn on JAX's persistent compilation cache unless ``--no-compile-cache``; returns its directory.
+
+    Every program is cached, however fast it compiled (JAX's default skips those
+    under a second, which here is nearly all of them). A cache that cannot be
+    created is a warning, not an error: it only saves time.
+    """
+    if args.no_compile_cache:
+        return None
+    directory = compile_cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"warning: no compilation cache ({directory}: {err.strerror or err})", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
 
 
 def positive_int(text: str) -> int:

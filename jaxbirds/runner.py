@@ -145,12 +145,17 @@ def run(
     options: RunOptions,
     should_stop: Callable[[], bool] = lambda: False,
     log: TextIO | None = None,
+    phases: dict[str, float] | None = None,
 ) -> int:
     """Train ``start`` to its configured step count and evaluate; returns an exit code.
 
     A ``start`` at step 0 begins a new loss history; a later one continues the
-    history saved beside its checkpoint.
+    history saved beside its checkpoint. ``phases`` holds the seconds the caller
+    already spent outside training (imports, data, ...); the run adds its own
+    (compile, calibration and evaluation, sampling, plot, saving), reports them,
+    and writes them into ``metrics.json``.
     """
+    phases = dict(phases or {})
     say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
     if options.plot:
         plots.require()
@@ -208,19 +213,24 @@ def run(
         )
         return INTERRUPTED
 
+    phases["compile"] = result.compile_seconds
+    phases["waiting for checkpoints"] = wait_seconds
     params = result.state.params
     t0 = time.perf_counter()
     stats = evaluate.calibrate(params, dataset.train.X)
     split_losses = {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in dataset.splits.items()}
-    eval_seconds = time.perf_counter() - t0
+    phases["calibration and evaluation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     final = start._replace(state=jax.device_get(result.state), stats=stats)
     checkpoint.save(ckpt_path, final)
+    phases["saving"] = time.perf_counter() - t0
     say(
         "loss (batch norm calibrated on the train split): "
         + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in split_losses.items())
     )
 
     names, memorised = [], None
+    t0 = time.perf_counter()
     if options.samples:
         samples = sample.sample_names(
             train.keys_for(tc.seed).sample, params, stats, dataset.vocab,
@@ -230,6 +240,7 @@ def run(
         say(f"samples ({memorised:.0%} are names from the training split):")
         for name, finished in zip(samples.names, samples.finished, strict=True):
             say(f"  {name}" + ("" if finished else " ..."))
+    phases["sampling"] = time.perf_counter() - t0
 
     metrics = {
         "model_config": dataclasses.asdict(start.model_config),
@@ -245,7 +256,6 @@ def run(
             "steps_per_second": rate,
             "checkpoint_write_seconds": writer.seconds,
             "checkpoint_wait_seconds": wait_seconds,
-            "evaluation_seconds": eval_seconds,
             "device": str(jax.devices()[0].device_kind),
             "jax_version": jax.__version__,
         },
@@ -254,12 +264,22 @@ def run(
         "loss_history": [round(float(x), 5) for x in result.losses],
     }
     if options.plot:
+        t0 = time.perf_counter()
         path = plots.loss_curve(result.losses, options.out / LOSS_PLOT, title=f"training loss ({tc.grad_mode})")
+        phases["plot"] = time.perf_counter() - t0
         say(f"wrote {path}")
+    t0 = time.perf_counter()
+    metrics["timing"]["outside_training"] = phases
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
     text = json.dumps(finite_or_none(metrics), indent=1, allow_nan=False)
     tmp = options.out / f".{METRICS}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     os.replace(tmp, options.out / METRICS)
+    phases["saving"] += time.perf_counter() - t0
     say(f"wrote {ckpt_path} and {options.out / METRICS} in {format_seconds(metrics['timing']['total_seconds'])}")
+    say(
+        f"outside training: {sum(phases.values()):.1f} s ("
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
+        + f"); training {result.train_seconds:.1f} s"
+    )
     return OK

@@ -52,11 +52,13 @@ def parse_args(argv):
         action="store_true",
         help="print batch norm's backward jaxpr under each rule set, with its equation count",
     )
+    cli.add_compile_cache_option(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.use_compile_cache(args)
     if args.plot:
         plots.require()
         runner.check_writable_dir(args.plot)
@@ -88,15 +90,16 @@ def main(argv=None) -> int:
             f"{args.dtype}, tolerance rtol {tol.rtol:g} of max|ref| + {tol.noise:g} x the reference's noise; "
             f"loss {float(jax.jit(model.loss)(params, X, Y)):.4f}\n"
         )
-        tables = {
-            "atomic manual backward vs jax.grad": gradcheck.atomic_rows(params, X, Y, tol),
-            "fused manual backward vs jax.grad": gradcheck.fused_rows(params, X, Y, tol),
-            "custom_vjp rules vs jax.grad": gradcheck.custom_vjp_rows(params, X, Y, tol),
-            "custom_jvp rules, transposed by JAX, vs jax.grad": gradcheck.custom_jvp_rows(params, X, Y, tol),
+        methods = gradcheck.all_tables(params, X, Y, tol)
+        titles = {
+            "manual atomic": "atomic manual backward vs jax.grad",
+            "manual fused": "fused manual backward vs jax.grad",
+            "custom_vjp": "custom_vjp rules vs jax.grad",
+            "custom_jvp": "custom_jvp rules, transposed by JAX, vs jax.grad",
         }
+        tables = {titles[method]: rows for method, rows in methods.items()}
         for title, rows in tables.items():
             print(gradcheck.format_table(rows, title), end="\n\n")
-        methods = dict(zip(("manual atomic", "manual fused", "custom_vjp", "custom_jvp"), tables.values(), strict=True))
         print(
             gradcheck.summary_table(methods, "all four against jax.grad (max diff / allowed; below 1 passes)"),
             end="\n\n",

@@ -34,11 +34,13 @@ def parse_args(argv):
         default=data.DEFAULT_DATA_PATH,
         help="the training names, to mark which samples are memorised (default: the shipped file)",
     )
+    cli.add_compile_cache_option(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.use_compile_cache(args)
     ckpt = checkpoint.load(args.checkpoint)
     stats = ckpt.stats
     dataset = data.load_dataset(args.data, ckpt.model_config.context_size)

@@ -16,13 +16,17 @@ the data are the run's own and may not.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-from pathlib import Path
+import time
 
-from jaxbirds import checkpoint, cli, data, model, runner, train
-from jaxbirds.checkpoint import Checkpoint, DataSource
-from jaxbirds.errors import ConfigError
+STARTED = time.perf_counter()  # before the imports below: they are part of the start-up cost
+
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from jaxbirds import checkpoint, cli, data, model, runner, train  # noqa: E402
+from jaxbirds.checkpoint import Checkpoint, DataSource  # noqa: E402
+from jaxbirds.errors import ConfigError  # noqa: E402
 
 DEFAULTS = train.TrainConfig()
 MODEL_DEFAULTS = model.ModelConfig()
@@ -89,6 +93,7 @@ def parse_args(argv):
         "--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)"
     )
     p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    cli.add_compile_cache_option(p)
     return p.parse_args(argv)
 
 
@@ -160,7 +165,10 @@ def _number(value) -> str:
 
 
 def main(argv=None) -> int:
+    phases = {"imports": time.perf_counter() - STARTED}
     args = parse_args(argv)
+    cli.use_compile_cache(args)
+    t0 = time.perf_counter()
     # Everything is checked before anything is written: a refused command leaves --out as it was.
     ckpt_path = args.out / runner.CHECKPOINT
     if args.resume:
@@ -187,6 +195,7 @@ def main(argv=None) -> int:
         state = train.init_state(model_config, train_config)
         source = DataSource(dataset.source, dataset.sha256)
         start = Checkpoint(state, None, dataset.vocab, model_config, train_config, source)
+    phases["data and initialisation"] = time.perf_counter() - t0
     tc = start.train_config
     print(dataset.summary())
     print(
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
     )
     options = runner.RunOptions(out=args.out, samples=args.samples, plot=not args.no_plot, log_every=args.log_every)
     with cli.stop_requested() as stop:
-        return runner.run(dataset, start, options, should_stop=stop.is_set, log=sys.stdout)
+        return runner.run(dataset, start, options, should_stop=stop.is_set, log=sys.stdout, phases=phases)
 
 
 if __name__ == "__main__":

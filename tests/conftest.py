@@ -1,5 +1,6 @@
 """Shared fixtures: the shipped dataset (loaded once) and a small model."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -8,6 +9,20 @@ import pytest
 from jaxbirds import data, model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_in_a_temporary_directory(tmp_path_factory):
+    """One persistent compilation cache for the whole run, shared by the pytest-xdist workers (it
+    lives beside their temporary directories): a program that several tests or both workers compile
+    is compiled once. The scripts under test use it too, instead of the user's cache directory."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xla-cache"
+    shared.mkdir(exist_ok=True)
+    os.environ["JAXBIRDS_CACHE_DIR"] = str(shared)
+    jax.config.update("jax_compilation_cache_dir", str(shared))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

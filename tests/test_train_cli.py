@@ -44,6 +44,8 @@ def run_cli(script, args, capsys):
 def test_a_short_run_writes_checkpoint_metrics_and_plot(train_script, tmp_path, capsys):
     code, out, _ = run_cli(train_script, ["--steps", "1000", *SMALL, "--out", str(tmp_path)], capsys)
     assert code == 0
+    assert "outside training:" in out and "imports" in out
+    assert any(os.scandir(os.environ["JAXBIRDS_CACHE_DIR"]))  # the compilation cache was filled
     assert "172,427 / 21,478 / 21,599" in out and "ETA" in out and "steps/s" in out
     assert "train " in out and "dev " in out and "test " in out
     metrics = strict_json(tmp_path / "metrics.json")
