@@ -11,19 +11,29 @@ Studies:
 * :func:`xla_study`       - what XLA compiled: FLOPs, bytes, kernels (thunks) per step;
 * :func:`scaling_study`   - batch and hidden sweeps, float32 vs float64;
 * :func:`vmap_study`      - K independent models trained in one compiled step;
-* :func:`torch_study`     - the tutorial's PyTorch loop, when ``torch`` is installed.
+* :func:`torch_study`     - the tutorial's PyTorch loop, when ``torch`` is installed;
+* :func:`accuracy_study`  - float32 gradients of every mode against a float64 reference; loss drift;
+* :func:`memory_study`    - what each mode's compiled step needs, and what it keeps for the backward pass;
+* :func:`compile_study`   - seconds to compile the training chunk, per gradient mode and chunk length;
+* :func:`startup_study`   - ``scripts/train.py`` run twice in fresh processes sharing one new
+  compilation cache: where the time outside training goes, cold and warm.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +61,14 @@ class BenchConfig:
     models: tuple[int, ...] = (1, 4, 16, 64)
     eager_steps: int = 5  # 0 skips the eager variant
     torch_steps: int = 300
+    compile_chunks: tuple[int, ...] = (100, 1_000, 10_000)
+    startup_steps: int = 200_000  # the training script's default run, twice
+    accuracy_batches: tuple[int, ...] = (2, 32, 512, 4_096)
+    accuracy_repeats: int = 20  # batches per point; the error is summarised by median and max
+    accuracy_checkpoints: tuple[int, ...] = (0, 10_000, 200_000)  # training steps before measuring
+    drift_steps: int = 200_000  # whole runs, one per gradient mode
+    memory_batches: tuple[int, ...] = (32, 1_024, 65_536)
+    memory_hiddens: tuple[int, ...] = (200, 4_096)
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -66,6 +84,14 @@ class BenchConfig:
             models=(1, 8),
             eager_steps=0,
             torch_steps=50,
+            compile_chunks=(1_000,),
+            startup_steps=20_000,
+            accuracy_batches=(2, 512),
+            accuracy_repeats=3,
+            accuracy_checkpoints=(0, 2_000),
+            drift_steps=4_000,
+            memory_batches=(32, 4_096),
+            memory_hiddens=(200,),
         )
 
 
@@ -420,6 +446,221 @@ def torch_study(b: Bench, jax_steps_per_s: float | None) -> tuple[list[Row], str
 
 
 # --------------------------------------------------------------------------- #
+# Accuracy and memory                                                         #
+# --------------------------------------------------------------------------- #
+
+
+def gradient_functions() -> dict[str, Callable]:
+    """``(params, X, Y) -> grads`` for every gradient mode, the atomic manual pass included."""
+    fns = {
+        mode: jax.grad(functools.partial(model.loss, rules=mode)) for mode in ("autodiff", "custom_vjp", "custom_jvp")
+    }
+    fns["manual (fused)"] = lambda params, X, Y: manual.fused_backward(params, X, Y).grads
+    fns["manual (atomic)"] = lambda params, X, Y: atomic_loss_and_grads(params, X, Y)[1]
+    return fns
+
+
+#: b1's exact gradient is zero (batch norm removes any shift of hprebn): a relative error means nothing there.
+ACCURACY_TENSORS = tuple(name for name in model.PARAM_NAMES if name != "b1")
+
+
+def gradient_errors(grad_fns: dict[str, Callable], params, batches) -> dict[str, dict[str, np.ndarray]]:
+    """Relative error of each float32 gradient, per tensor and batch: ``|g32 - g64| / |g64|`` (2-norms),
+    against ``jax.grad`` of the plain model in float64 at the same parameters and batch.
+
+    ``params`` are float32; the reference sees them exactly (float64 holds every float32).
+    Returns ``{method: {tensor: errors over batches}}``.
+    """
+    reference = jax.jit(jax.grad(model.loss))
+    compiled = {name: jax.jit(fn) for name, fn in grad_fns.items()}
+    errors = {name: {t: [] for t in ACCURACY_TENSORS} for name in grad_fns}
+    for X, Y in batches:
+        with jax.enable_x64(True):
+            ref = jax.device_get(reference(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params), X, Y))
+        for name, fn in compiled.items():
+            with jax.default_matmul_precision("highest"):
+                got = jax.device_get(fn(params, X, Y))
+            for t in ACCURACY_TENSORS:
+                diff = np.linalg.norm(np.asarray(got[t], np.float64) - ref[t])
+                errors[name][t].append(diff / np.linalg.norm(ref[t]))
+    return {name: {t: np.asarray(v) for t, v in per.items()} for name, per in errors.items()}
+
+
+def accuracy_study(b: Bench) -> list[Row]:
+    """Which mode computes the most accurate float32 gradient, and how far whole runs drift apart.
+
+    Points: the default model at initialisation and after training (autodiff, the tutorial's
+    recipe) for each of ``accuracy_checkpoints`` steps, batch 32; and at initialisation for each
+    of ``accuracy_batches``. ``accuracy_repeats`` random batches per point. Then ``drift_steps``
+    of training in every mode from the same start: the largest gap between its loss history and
+    autodiff's (over windows of 100 steps), and the final batch's loss.
+    """
+    mc, tc, cfg = b.model_config, b.train_config, b.config
+    rng = np.random.default_rng(0)
+
+    def batches(size):
+        rows = [rng.integers(0, len(b.Y), size) for _ in range(cfg.accuracy_repeats)]
+        return [(b.X[r], b.Y[r]) for r in rows]
+
+    points = []  # (label, steps trained, batch size, params)
+    state = train.init_state(mc, tc)
+    trained = 0
+    for steps in sorted(set(cfg.accuracy_checkpoints)):
+        if steps > trained:
+            result = train.train(b.X, b.Y, dataclasses.replace(tc, steps=steps), state)
+            state, trained = result.state, steps
+        params = jax.device_get(state.params)
+        points += [(f"after {steps:,} steps" if steps else "init", steps, 32, params)]
+        if steps == 0:
+            points += [("init", 0, size, params) for size in cfg.accuracy_batches if size != 32]
+    fns = gradient_functions()
+    rows = []
+    for label, steps, size, params in points:
+        errors = gradient_errors(fns, params, batches(size))
+        for method, per_tensor in errors.items():
+            stacked = np.stack(list(per_tensor.values()))  # tensors x batches
+            row = {
+                "point": label,
+                "steps": steps,
+                "batch": size,
+                "mode": method,
+                "median_rel_error": float(np.median(stacked)),
+                "max_rel_error": float(stacked.max()),
+            }
+            row.update({f"median_{t}": float(np.median(v)) for t, v in per_tensor.items()})
+            rows.append(row)  # fmt: skip
+
+    drift = {}
+    for mode in train.GRAD_MODES:
+        config = dataclasses.replace(tc, steps=cfg.drift_steps, grad_mode=mode)
+        drift[mode] = train.train(b.X, b.Y, config, train.init_state(mc, config)).losses
+    windows = {m: v[: len(v) // 100 * 100].reshape(-1, 100).mean(axis=1) for m, v in drift.items()}
+    for mode in train.GRAD_MODES:
+        rows.append({"point": f"run of {cfg.drift_steps:,} steps", "steps": cfg.drift_steps, "batch": 32,
+                     "mode": mode, "max_window_loss_gap": float(np.abs(windows[mode] - windows["autodiff"]).max()),
+                     "final_window_loss": float(windows[mode][-1])})  # fmt: skip
+    return rows
+
+
+def _residuals(fn, *args) -> list[tuple[str, int]]:
+    """What reverse mode keeps between forward and backward: ``(description, bytes)`` per residual,
+    read from ``jax.ad_checkpoint.print_saved_residuals`` (arguments and literals left out)."""
+    import contextlib
+    import io
+
+    from jax import ad_checkpoint
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        ad_checkpoint.print_saved_residuals(fn, *args)
+    kept = []
+    for line in buffer.getvalue().splitlines():
+        match = re.match(r"(\w+)\[([\d,]*)\] (.*)", line.strip())
+        if not match or "from the argument" in line or "literal" in line or "constant" in line:
+            continue
+        dtype, dims, what = match.groups()
+        size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        itemsize = {"f32": 4, "f64": 8, "i32": 4, "bf16": 2, "f16": 2, "bool": 1}.get(dtype, 4)
+        kept.append((re.sub(r" from /\S+", "", what), size * itemsize))
+    return kept
+
+
+def memory_study(b: Bench) -> list[Row]:
+    """What XLA's memory analysis says each mode's compiled training step needs (arguments, outputs,
+    temporaries), at ``memory_batches`` x ``memory_hiddens``; what reverse mode keeps between forward
+    and backward; and the same for autodiff under ``jax.checkpoint`` (recompute instead of keep),
+    with its time per step."""
+    from jaxbirds import memory
+
+    tc = b.train_config
+    remat = jax.value_and_grad(jax.checkpoint(functools.partial(model.loss, rules="autodiff")))
+    variants = {mode: train.loss_and_grads_fn(mode) for mode in train.GRAD_MODES}
+    variants["autodiff + jax.checkpoint"] = remat
+    rows = []
+    for hidden in b.config.memory_hiddens:
+        mc = dataclasses.replace(b.model_config, hidden=hidden)
+        params, opt_state, _ = train.init_state(mc, tc)
+        for batch in b.config.memory_batches:
+            X, Y = b.X[:batch], b.Y[:batch]
+            for name, fn in variants.items():
+                compiled = jax.jit(_single_step(fn, tc)).lower(params, opt_state, X, Y).compile()
+                analysis = compiled.memory_analysis()
+                row = {
+                    "mode": name,
+                    "batch": batch,
+                    "hidden": hidden,
+                    "argument_bytes": analysis.argument_size_in_bytes,
+                    "output_bytes": analysis.output_size_in_bytes,
+                    "temp_bytes": analysis.temp_size_in_bytes,
+                    "peak_bytes": memory.compiled_bytes(compiled),
+                }
+                if name != "manual":  # the fused pass has no forward/backward split to keep residuals across
+                    loss_fn = (
+                        jax.checkpoint(functools.partial(model.loss, rules="autodiff"))
+                        if name.endswith("checkpoint")
+                        else functools.partial(model.loss, rules=name)
+                    )
+                    kept = _residuals(lambda p, loss_fn=loss_fn, X=X, Y=Y: loss_fn(p, X, Y), params)
+                    what = sorted({w.split(" (")[0].replace("output of ", "") for w, _ in kept})
+                    row.update(residuals=len(kept), residual_bytes=sum(n for _, n in kept), kept=", ".join(what))
+                rows.append(row)
+    timed = dataclasses.replace(tc, grad_mode="autodiff")
+    length = min(b.config.steps, 2_000)
+    for name, fn in [("autodiff", None), ("autodiff + jax.checkpoint", remat)]:
+        t = b.time_chunks(b.model_config, timed, length, max(1, b.config.steps // length), loss_and_grads=fn)
+        for row in rows:
+            if row["mode"] == name and row["batch"] == 32 and row["hidden"] == b.model_config.hidden:
+                row["us_per_step"] = t["us_per_step"]
+    return rows
+
+
+def compile_study(b: Bench) -> list[Row]:
+    """Seconds to lower and compile one training chunk, per gradient mode and chunk length
+    (in this process, no persistent cache: each a real compile)."""
+    mc = b.model_config
+    rows = []
+    for mode in train.GRAD_MODES:
+        tc = dataclasses.replace(b.train_config, grad_mode=mode)
+        params, opt_state, _ = train.init_state(mc, tc)
+        key = train.keys_for(tc.seed).data
+        for length in b.config.compile_chunks:
+            t0 = time.perf_counter()
+            lowered = train.make_chunk_fn(tc, length).lower(
+                params, opt_state, jnp.int32(0), jnp.int32(0), b.X, b.Y, key
+            )
+            t1 = time.perf_counter()
+            lowered.compile()
+            t2 = time.perf_counter()
+            rows.append({"mode": mode, "chunk": length, "trace_lower_s": t1 - t0, "compile_s": t2 - t1})
+    return rows
+
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
+
+
+def startup_study(b: Bench) -> tuple[list[Row], str | None]:
+    """``scripts/train.py`` (the tutorial's recipe, ``startup_steps`` steps) run twice, each in a fresh
+    process, sharing one new persistent compilation cache: the first compiles and fills it, the second
+    loads from it. Each row is one run's wall time, training time and its phases outside training,
+    as the script itself measured them (``metrics.json``)."""
+    if not TRAIN_SCRIPT.is_file():
+        return [], f"{TRAIN_SCRIPT} is not there (an installed package has no scripts/)"
+    rows = []
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+        for i, run in enumerate(("first (empty cache)", "second (warm cache)")):
+            args = [sys.executable, str(TRAIN_SCRIPT), "--steps", str(b.config.startup_steps), "--out", f"{out}/{i}"]
+            env = {**os.environ, "JAXBIRDS_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
+            t0 = time.perf_counter()
+            subprocess.run(args, check=True, capture_output=True, env=env)
+            wall = time.perf_counter() - t0
+            timing = json.loads(Path(f"{out}/{i}/metrics.json").read_text())["timing"]
+            phases = timing["outside_training"]
+            rows.append({"run": run, "wall_s": wall, "train_s": timing["train_seconds"],
+                         "outside_s": sum(phases.values()), **phases})  # fmt: skip
+    return rows, None
+
+
+# --------------------------------------------------------------------------- #
 # Reporting                                                                   #
 # --------------------------------------------------------------------------- #
 
@@ -501,6 +742,63 @@ TABLES = {
             ("compile_s", "compile s", ".2f"),
         ],
     ),
+    "accuracy": (
+        "float32 gradients against float64 (relative 2-norm error per tensor, b1 left out; and whole runs)",
+        [
+            ("point", "point", ""),
+            ("batch", "batch", ","),
+            ("mode", "mode", ""),
+            ("median_rel_error", "median rel. error", ".2e"),
+            ("max_rel_error", "max rel. error", ".2e"),
+            ("median_C", "C", ".1e"),
+            ("median_W1", "W1", ".1e"),
+            ("median_bngain", "bngain", ".1e"),
+            ("median_W2", "W2", ".1e"),
+            ("max_window_loss_gap", "max gap to autodiff (loss)", ".1e"),
+            ("final_window_loss", "final loss", ".4f"),
+        ],
+    ),
+    "memory": (
+        "Memory of one compiled training step (XLA's memory analysis) and what reverse mode keeps",
+        [
+            ("mode", "mode", ""),
+            ("batch", "batch", ","),
+            ("hidden", "hidden", ","),
+            ("argument_bytes", "arguments B", ","),
+            ("output_bytes", "outputs B", ","),
+            ("temp_bytes", "temporaries B", ","),
+            ("peak_bytes", "peak B", ","),
+            ("residuals", "residuals", ""),
+            ("residual_bytes", "residual B", ","),
+            ("us_per_step", "µs/step", ".1f"),
+        ],
+    ),
+    "compile": (
+        "Compile time of one training chunk (hidden 200, batch 32)",
+        [
+            ("mode", "mode", ""),
+            ("chunk", "steps per chunk", ","),
+            ("trace_lower_s", "trace + lower s", ".2f"),
+            ("compile_s", "XLA compile s", ".2f"),
+        ],
+    ),
+    "startup": (
+        "scripts/train.py twice, fresh processes, one new compilation cache (seconds)",
+        [
+            ("run", "run", ""),
+            ("wall_s", "wall", ".1f"),
+            ("train_s", "training", ".1f"),
+            ("outside_s", "outside training", ".2f"),
+            ("imports", "imports", ".2f"),
+            ("data and initialisation", "data + init", ".2f"),
+            ("compile", "compile", ".2f"),
+            ("calibration and evaluation", "calibrate + evaluate", ".2f"),
+            ("sampling", "sampling", ".2f"),
+            ("plot", "plot", ".2f"),
+            ("saving", "saving", ".2f"),
+            ("waiting for checkpoints", "checkpoint wait", ".2f"),
+        ],
+    ),
     "torch": (
         "The tutorial's PyTorch loop (same recipe, manual gradients)",
         [
@@ -517,8 +815,6 @@ TABLES = {
 
 def plot_results(results: dict, out_dir) -> list:
     """PNG figures of the studies that a picture explains better than a table."""
-    from pathlib import Path
-
     from jaxbirds.plots import _pyplot, _save
 
     plt = _pyplot()
@@ -558,4 +854,50 @@ def plot_results(results: dict, out_dir) -> list:
         ax.set_ylabel("model-steps per second")
         ax.grid(alpha=0.3)
         written.append(_save(fig, out_dir / "vmap.png"))
+    gradient_rows = [r for r in results.get("accuracy", []) if "median_rel_error" in r]
+    if gradient_rows:
+        points = list(dict.fromkeys((r["point"], r["batch"]) for r in gradient_rows))
+        modes = list(dict.fromkeys(r["mode"] for r in gradient_rows))
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(modes):
+            values = [next(r["median_rel_error"] for r in gradient_rows if (r["point"], r["batch"]) == p and
+                           r["mode"] == mode) for p in points]  # fmt: skip
+            ax.bar(np.arange(len(points)) + j * width, values, width, label=mode)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(points)) + 0.4 - width / 2, [f"{p} (batch {n:,})" for p, n in points], fontsize=8)
+        ax.set_ylabel("median relative error vs float64")
+        ax.set_title("float32 gradient error per mode (median over tensors and batches)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / "accuracy.png"))
+    if results.get("memory"):
+        rows = results["memory"]
+        hiddens = sorted({r["hidden"] for r in rows})
+        fig, axes = plt.subplots(1, len(hiddens), figsize=(5 * len(hiddens), 4), squeeze=False)
+        for ax, hidden in zip(axes[0], hiddens, strict=True):
+            for mode in dict.fromkeys(r["mode"] for r in rows):
+                mine = [r for r in rows if r["mode"] == mode and r["hidden"] == hidden]
+                style = "--" if "checkpoint" in mode else "o-"
+                ax.plot([r["batch"] for r in mine], [r["peak_bytes"] / r["batch"] / 1024 for r in mine], style,
+                        label=mode)  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch")
+            ax.set_ylabel("peak KiB per example (XLA memory analysis)")
+            ax.set_title(f"one compiled training step, hidden {hidden:,}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        written.append(_save(fig, out_dir / "memory.png"))
+    if results.get("startup"):
+        rows = results["startup"]
+        phases = [k for k in rows[0] if k not in ("run", "wall_s", "train_s", "outside_s")]
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        left = np.zeros(len(rows))
+        for phase in phases:
+            values = np.array([r.get(phase, 0.0) for r in rows])
+            ax.barh([r["run"] for r in rows], values, left=left, label=phase)
+            left += values
+        ax.set_xlabel("seconds outside training")
+        ax.set_title("scripts/train.py: time outside training, empty then warm compilation cache")
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+        written.append(_save(fig, out_dir / "startup.png"))
     return written

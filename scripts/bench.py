@@ -3,8 +3,10 @@
 
 Studies: dispatch (eager / jit per step / scan chunks), gradient modes, what XLA
 compiled (FLOPs, bytes, kernels), scaling (batch, hidden, float64), many models
-with vmap, and the tutorial's PyTorch loop when torch is installed. Times are
-medians of several runs after a warm-up, measured side by side in this process.
+with vmap, the tutorial's PyTorch loop when torch is installed, compile time per
+gradient mode and chunk length, and start-up (scripts/train.py twice, with an
+empty and then a warm compilation cache). Times are medians of several runs after
+a warm-up, measured side by side in this process.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from jaxbirds import bench, cli, data, plots, runner
 
-STUDIES = ("dispatch", "modes", "xla", "scaling", "vmap", "torch")
+STUDIES = ("dispatch", "modes", "xla", "scaling", "vmap", "torch", "accuracy", "memory", "compile", "startup")
 
 
 def parse_args(argv):
@@ -75,6 +77,15 @@ def main(argv=None) -> int:
         best = max((r["steps_per_s"] for r in results.get("dispatch", []) if r["variant"] == "scan"), default=None)
         rows, note = bench.torch_study(b, best)
         report("torch", rows, note)
+    if "accuracy" in args.only:
+        report("accuracy", bench.accuracy_study(b))
+    if "memory" in args.only:
+        report("memory", bench.memory_study(b))
+    if "compile" in args.only:
+        report("compile", bench.compile_study(b))
+    if "startup" in args.only:
+        rows, note = bench.startup_study(b)
+        report("startup", rows, note)
 
     results["seconds"] = time.perf_counter() - t0
     args.json.parent.mkdir(parents=True, exist_ok=True)
