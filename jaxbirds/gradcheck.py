@@ -253,29 +253,47 @@ def atomic_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
     return _rows(ours, ref, noise, (*reversed(manual.INTERMEDIATES), *PARAM_NAMES), tol)
 
 
-def fused_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
+def boundary_noise(params: Params, X, Y) -> dict[str, float]:
+    """:func:`reference_noise` of the plain model at the parameters and ``BOUNDARY``: the reference of
+    the fused, custom_vjp and custom_jvp tables (compute it once, pass it to each)."""
+    with jax.default_matmul_precision(PRECISION):
+        return reference_noise(params, X, Y, "autodiff", BOUNDARY)
+
+
+def fused_rows(params: Params, X, Y, tol: Tolerance, noise: dict[str, float] | None = None) -> list[Row]:
     """Table rows for the fused pass: ``logits``, ``hprebn``, then every parameter."""
+    noise = noise or boundary_noise(params, X, Y)
     with jax.default_matmul_precision(PRECISION):
         ours, ref = fused_vs_reference(params, X, Y)
-        noise = reference_noise(params, X, Y, "autodiff", BOUNDARY)
     return _rows(ours, ref, noise, ("logits", "hprebn", *PARAM_NAMES), tol)
 
 
-def custom_vjp_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
+def custom_vjp_rows(params: Params, X, Y, tol: Tolerance, noise: dict[str, float] | None = None) -> list[Row]:
     """Table rows for the custom-VJP model: ``logits``, ``hprebn``, then every parameter."""
-    return _custom_rows(params, X, Y, tol, "custom_vjp")
+    return _custom_rows(params, X, Y, tol, "custom_vjp", noise)
 
 
-def custom_jvp_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
+def custom_jvp_rows(params: Params, X, Y, tol: Tolerance, noise: dict[str, float] | None = None) -> list[Row]:
     """Table rows for the custom-JVP model (reverse mode by transposition): as :func:`custom_vjp_rows`."""
-    return _custom_rows(params, X, Y, tol, "custom_jvp")
+    return _custom_rows(params, X, Y, tol, "custom_jvp", noise)
 
 
-def _custom_rows(params: Params, X, Y, tol: Tolerance, rules: str) -> list[Row]:
+def _custom_rows(params: Params, X, Y, tol: Tolerance, rules: str, noise: dict[str, float] | None) -> list[Row]:
+    noise = noise or boundary_noise(params, X, Y)
     with jax.default_matmul_precision(PRECISION):
         ours, ref = custom_vs_reference(params, X, Y, rules)
-        noise = reference_noise(params, X, Y, "autodiff", BOUNDARY)
     return _rows(ours, ref, noise, ("logits", "hprebn", *PARAM_NAMES), tol)
+
+
+def all_tables(params: Params, X, Y, tol: Tolerance) -> dict[str, list[Row]]:
+    """Every method's table against ``jax.grad``, keyed by method (the reference noise measured once)."""
+    noise = boundary_noise(params, X, Y)
+    return {
+        "manual atomic": atomic_rows(params, X, Y, tol),
+        "manual fused": fused_rows(params, X, Y, tol, noise),
+        "custom_vjp": custom_vjp_rows(params, X, Y, tol, noise),
+        "custom_jvp": custom_jvp_rows(params, X, Y, tol, noise),
+    }
 
 
 def summary_table(tables: Mapping[str, list[Row]], title: str) -> str:

@@ -87,6 +87,20 @@ MUTANTS = [
         "cross-entropy's rule forgets the 1/n of the mean",
     ),
     Mutant(
+        "jvp-bn-uncentred",
+        "jaxbirds/jvp.py",
+        "centered = dx - jnp.mean(dx, axis=0, keepdims=True)",
+        "centered = dx",
+        "batch norm's tangent rule forgets that the mean moves with x",
+    ),
+    Mutant(
+        "jvp-ce-no-mean",
+        "jaxbirds/jvp.py",
+        "jnp.sum((probs - onehot) * dlogits) / n",
+        "jnp.sum((probs - onehot) * dlogits)",
+        "cross-entropy's tangent rule forgets the 1/n of the mean",
+    ),
+    Mutant(
         "atomic-tanh",
         "jaxbirds/manual.py",
         'g["hpreact"] = u + u * v["h"]',
