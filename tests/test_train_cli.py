@@ -45,7 +45,6 @@ def test_a_short_run_writes_checkpoint_metrics_and_plot(train_script, tmp_path, 
     code, out, _ = run_cli(train_script, ["--steps", "1000", *SMALL, "--out", str(tmp_path)], capsys)
     assert code == 0
     assert "outside training:" in out and "imports" in out
-    assert any(os.scandir(os.environ["JAXBIRDS_CACHE_DIR"]))  # the compilation cache was filled
     assert "172,427 / 21,478 / 21,599" in out and "ETA" in out and "steps/s" in out
     assert "train " in out and "dev " in out and "test " in out
     metrics = strict_json(tmp_path / "metrics.json")
@@ -239,3 +238,19 @@ def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, 
     direct = json.loads((straight / "metrics.json").read_text())
     assert resumed["loss_history"] == direct["loss_history"]
     assert resumed["loss"] == direct["loss"]
+
+
+def test_the_compilation_cache_is_on_by_default_and_can_be_turned_off(train_script, tmp_path, monkeypatch):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAXBIRDS_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        assert cli.use_compile_cache(train_script.parse_args(["--no-compile-cache"])) is None
+        assert jax.config.jax_compilation_cache_dir == before
+        assert cli.use_compile_cache(train_script.parse_args([])) == tmp_path / "cache"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0  # every program, however fast
+        assert (tmp_path / "cache").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
