@@ -542,6 +542,19 @@ def accuracy_study(b: Bench) -> list[Row]:
     return rows
 
 
+def _itemsize(short: str) -> int:
+    """Bytes per element of a dtype as jaxprs print it: ``f32``, ``i64``, ``u8``, ``bf16``, ``bool``,
+    ``key`` (a threefry key: two uint32)."""
+    if short == "bool":
+        return 1
+    if short == "key":
+        return 8
+    match = re.fullmatch(r"(bf|f|i|u|c)(\d+)", short)
+    if not match:
+        raise ValueError(f"unknown dtype {short!r} in a residual")
+    return int(match.group(2)) // 8
+
+
 def _residuals(fn, *args) -> list[tuple[str, int]]:
     """What reverse mode keeps between forward and backward: ``(description, bytes)`` per residual,
     read from ``jax.ad_checkpoint.print_saved_residuals`` (arguments and literals left out)."""
@@ -555,13 +568,14 @@ def _residuals(fn, *args) -> list[tuple[str, int]]:
         ad_checkpoint.print_saved_residuals(fn, *args)
     kept = []
     for line in buffer.getvalue().splitlines():
-        match = re.match(r"(\w+)\[([\d,]*)\] (.*)", line.strip())
-        if not match or "from the argument" in line or "literal" in line or "constant" in line:
+        if not line.strip() or "from the argument" in line or re.search(r"\] from a (literal|constant)", line):
             continue
+        match = re.match(r"\s*(\w+)(?:<\w+>)?\[([\d,]*)\] (.*)", line)
+        if not match:
+            raise ValueError(f"cannot read this residual line: {line!r}")
         dtype, dims, what = match.groups()
         size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-        itemsize = {"f32": 4, "f64": 8, "i32": 4, "bf16": 2, "f16": 2, "bool": 1}.get(dtype, 4)
-        kept.append((re.sub(r" from /\S+", "", what), size * itemsize))
+        kept.append((re.sub(r" from /\S+", "", what), size * _itemsize(dtype)))
     return kept
 
 
@@ -606,17 +620,17 @@ def memory_study(b: Bench) -> list[Row]:
                 rows.append(row)
     timed = dataclasses.replace(tc, grad_mode="autodiff")
     length = min(b.config.steps, 2_000)
-    for name, fn in [("autodiff", None), ("autodiff + jax.checkpoint", remat)]:
+    for name, fn in [("autodiff", None), ("autodiff + jax.checkpoint", remat)]:  # time: default model, batch 32
         t = b.time_chunks(b.model_config, timed, length, max(1, b.config.steps // length), loss_and_grads=fn)
-        for row in rows:
-            if row["mode"] == name and row["batch"] == 32 and row["hidden"] == b.model_config.hidden:
-                row["us_per_step"] = t["us_per_step"]
+        rows.append({"mode": name, "batch": tc.batch_size, "hidden": b.model_config.hidden,
+                     "us_per_step": t["us_per_step"]})  # fmt: skip
     return rows
 
 
 def compile_study(b: Bench) -> list[Row]:
-    """Seconds to lower and compile one training chunk, per gradient mode and chunk length
-    (in this process, no persistent cache: each a real compile)."""
+    """Seconds to lower and compile one training chunk, per gradient mode and chunk length: real
+    compiles as ``scripts/bench.py`` runs it (it enables no persistent cache; under one, such as
+    the test suite's, the figures are cache loads)."""
     mc = b.model_config
     rows = []
     for mode in train.GRAD_MODES:
@@ -642,7 +656,9 @@ def startup_study(b: Bench) -> tuple[list[Row], str | None]:
     """``scripts/train.py`` (the tutorial's recipe, ``startup_steps`` steps) run twice, each in a fresh
     process, sharing one new persistent compilation cache: the first compiles and fills it, the second
     loads from it. Each row is one run's wall time, training time and its phases outside training,
-    as the script itself measured them (``metrics.json``)."""
+    as the script itself measured them (``metrics.json``); "unaccounted" is the rest of the wall
+    time (the interpreter's start and exit, argument parsing, writing metrics.json, the host work
+    between chunks)."""
     if not TRAIN_SCRIPT.is_file():
         return [], f"{TRAIN_SCRIPT} is not there (an installed package has no scripts/)"
     rows = []
@@ -655,8 +671,10 @@ def startup_study(b: Bench) -> tuple[list[Row], str | None]:
             wall = time.perf_counter() - t0
             timing = json.loads(Path(f"{out}/{i}/metrics.json").read_text())["timing"]
             phases = timing["outside_training"]
+            measured = sum(phases.values())
             rows.append({"run": run, "wall_s": wall, "train_s": timing["train_seconds"],
-                         "outside_s": sum(phases.values()), **phases})  # fmt: skip
+                         "wall_minus_train_s": wall - timing["train_seconds"], "outside_s": measured, **phases,
+                         "unaccounted": wall - timing["train_seconds"] - measured})  # fmt: skip
     return rows, None
 
 
@@ -788,7 +806,8 @@ TABLES = {
             ("run", "run", ""),
             ("wall_s", "wall", ".1f"),
             ("train_s", "training", ".1f"),
-            ("outside_s", "outside training", ".2f"),
+            ("wall_minus_train_s", "wall − training", ".2f"),
+            ("outside_s", "phases measured", ".2f"),
             ("imports", "imports", ".2f"),
             ("data and initialisation", "data + init", ".2f"),
             ("compile", "compile", ".2f"),
@@ -797,6 +816,7 @@ TABLES = {
             ("plot", "plot", ".2f"),
             ("saving", "saving", ".2f"),
             ("waiting for checkpoints", "checkpoint wait", ".2f"),
+            ("unaccounted", "unaccounted", ".2f"),
         ],
     ),
     "torch": (
@@ -871,7 +891,7 @@ def plot_results(results: dict, out_dir) -> list:
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / "accuracy.png"))
     if results.get("memory"):
-        rows = results["memory"]
+        rows = [r for r in results["memory"] if "peak_bytes" in r]
         hiddens = sorted({r["hidden"] for r in rows})
         fig, axes = plt.subplots(1, len(hiddens), figsize=(5 * len(hiddens), 4), squeeze=False)
         for ax, hidden in zip(axes[0], hiddens, strict=True):
@@ -889,14 +909,14 @@ def plot_results(results: dict, out_dir) -> list:
         written.append(_save(fig, out_dir / "memory.png"))
     if results.get("startup"):
         rows = results["startup"]
-        phases = [k for k in rows[0] if k not in ("run", "wall_s", "train_s", "outside_s")]
+        phases = [k for k in rows[0] if k not in ("run", "wall_s", "train_s", "outside_s", "wall_minus_train_s")]
         fig, ax = plt.subplots(figsize=(8, 3.6))
         left = np.zeros(len(rows))
         for phase in phases:
             values = np.array([r.get(phase, 0.0) for r in rows])
             ax.barh([r["run"] for r in rows], values, left=left, label=phase)
             left += values
-        ax.set_xlabel("seconds outside training")
+        ax.set_xlabel("seconds of wall time outside training")
         ax.set_title("scripts/train.py: time outside training, empty then warm compilation cache")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
         written.append(_save(fig, out_dir / "startup.png"))

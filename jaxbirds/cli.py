@@ -41,6 +41,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+#: The persistent compilation cache's size limit.
+CACHE_MAX_BYTES = 2 * 2**30
+
+
 def compile_cache_dir() -> Path:
     """Where compiled programs are kept between runs: ``$JAXBIRDS_CACHE_DIR``, else the user's cache
     directory (``$XDG_CACHE_HOME/jaxbirds/xla``, by default ``~/.cache/jaxbirds/xla``)."""
@@ -52,8 +56,8 @@ def compile_cache_dir() -> Path:
 def add_compile_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-compile-cache", action="store_true",
-        help=f"do not keep compiled programs between runs (default: kept in {compile_cache_dir()}, "
-        "so a second run loads them instead of compiling; set JAXBIRDS_CACHE_DIR to move it)",
+        help=f"do not keep compiled programs between runs (default: kept in {compile_cache_dir()}, at most "
+        "2 GiB, so a second run loads them instead of compiling; set JAXBIRDS_CACHE_DIR to move it)",
     )  # fmt: skip
 
 
@@ -75,6 +79,7 @@ def use_compile_cache(args: argparse.Namespace) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)  # least recently used go first
     return directory
 
 

@@ -9,8 +9,9 @@ Files in the output directory:
 
 * ``checkpoint.npz`` - the state, see :mod:`jaxbirds.checkpoint`;
 * ``losses.f32``     - the loss of every step, appended chunk by chunk;
-* ``metrics.json``   - configs, split losses, timings, samples and the per-step loss history
-  (strict JSON: a value that does not exist, such as the loss of an empty split, is ``null``);
+* ``metrics.json``   - configs, split losses, timings and samples (strict JSON: a value that does
+  not exist, such as the loss of an empty split, is ``null``; the per-step history is ``losses.f32``,
+  read it with ``numpy.fromfile(path, "<f4")``);
 * ``loss.png``       - log10 training loss, averaged over windows of 1,000 steps.
 """
 
@@ -261,21 +262,19 @@ def run(
         },
         "samples": names,
         "memorised_share": memorised,
-        "loss_history": [round(float(x), 5) for x in result.losses],
     }
     if options.plot:
         t0 = time.perf_counter()
         path = plots.loss_curve(result.losses, options.out / LOSS_PLOT, title=f"training loss ({tc.grad_mode})")
         phases["plot"] = time.perf_counter() - t0
         say(f"wrote {path}")
-    t0 = time.perf_counter()
+    # the metrics record every phase but the writing of metrics.json itself (a few milliseconds)
     metrics["timing"]["outside_training"] = phases
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
     text = json.dumps(finite_or_none(metrics), indent=1, allow_nan=False)
     tmp = options.out / f".{METRICS}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     os.replace(tmp, options.out / METRICS)
-    phases["saving"] += time.perf_counter() - t0
     say(f"wrote {ckpt_path} and {options.out / METRICS} in {format_seconds(metrics['timing']['total_seconds'])}")
     say(
         f"outside training: {sum(phases.values()):.1f} s ("

@@ -13,14 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache_in_a_temporary_directory(tmp_path_factory):
-    """One persistent compilation cache for the whole run, shared by the pytest-xdist workers (it
-    lives beside their temporary directories): a program that several tests or both workers compile
-    is compiled once. The scripts under test use it too, instead of the user's cache directory."""
-    root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xla-cache"
-    shared.mkdir(exist_ok=True)
-    os.environ["JAXBIRDS_CACHE_DIR"] = str(shared)
-    jax.config.update("jax_compilation_cache_dir", str(shared))
+    """One persistent compilation cache per test process, in its temporary directory: a program that
+    several tests compile is compiled once, and the scripts under test use it instead of the user's
+    cache directory. (Not shared between pytest-xdist workers: JAX writes cache entries without a
+    lock, and a half-written one read by the other worker would cost a recompile and a warning.)"""
+    cache = tmp_path_factory.mktemp("xla-cache")
+    os.environ["JAXBIRDS_CACHE_DIR"] = str(cache)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -132,7 +132,7 @@ def test_the_memory_study_reports_what_the_compiled_program_says(dataset):
     assert row["residuals"] < autodiff["residuals"]
 
 
-@pytest.mark.slow  # two training processes; tests/test_train_cli.py checks the cache is filled
+@pytest.mark.slow  # two training processes; tests/test_train_cli.py checks the cache itself
 def test_startup_runs_the_script_twice_and_the_second_run_finds_the_cache(dataset, tmp_path, monkeypatch):
     b = bench.Bench(dataset, bench.BenchConfig(startup_steps=100))
     rows, note = bench.startup_study(b)

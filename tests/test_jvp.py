@@ -24,12 +24,15 @@ def transposed_and_plain(logits, labels, x, gain, bias, dy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_values_equal_the_plain_operations(dtype):
+def test_values_equal_the_plain_operations_inside_jvp(dtype):
+    """The primal output of each JVP rule (computed inside the rule, with the tangent) is the plain value."""
     with jax.enable_x64(dtype == jnp.float64):
         logits, labels = ce_inputs(0, 32, 29, 2.0, dtype)
         x, gain, bias, _ = bn_inputs(1, 32, 64, 1.0, dtype)
-        np.testing.assert_array_equal(jvp.cross_entropy(logits, labels), ops.cross_entropy(logits, labels))
-        np.testing.assert_array_equal(jvp.batch_norm(x, gain, bias), ops.batch_norm(x, gain, bias))
+        loss, _ = jax.jvp(lambda lg: jvp.cross_entropy(lg, labels), (logits,), (jnp.ones_like(logits),))
+        y, _ = jax.jvp(jvp.batch_norm, (x, gain, bias), (x, gain, bias))
+        np.testing.assert_array_equal(loss, ops.cross_entropy(logits, labels))
+        np.testing.assert_allclose(y, ops.batch_norm(x, gain, bias), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,6 +58,49 @@ def test_both_rules_over_random_shapes_float64(n, classes, hidden, seed):
     assert_close(ce_ours, ce_ref, f64)
     assert_close(bn_ours[0], bn_ref[0], f64, floor=100 * np.finfo(np.float64).eps * bn_term_scale(x, gain, dy))
     assert_close(bn_ours[1:], bn_ref[1:], f64)
+
+
+@jax.jit
+def forward_mode(logits, labels, dlogits, x, gain, bias, dx, dgain, dbias):
+    """jax.jvp through the custom_jvp rules (the rule as written) and through plain jnp."""
+    ce = [jax.jvp(lambda lg, f=f: f(lg, labels), (logits,), (dlogits,))[1] for f in (jvp.cross_entropy,
+                                                                                     ops.cross_entropy)]  # fmt: skip
+    bn = [jax.jvp(f, (x, gain, bias), (dx, dgain, dbias))[1] for f in (jvp.batch_norm, ops.batch_norm)]
+    return ce, bn
+
+
+def tangents_like(seed, *arrays):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in arrays]
+
+
+@settings(max_examples=5, deadline=None)  # every new shape is a new compile
+@given(n=st.integers(2, 64), classes=st.integers(2, 64), hidden=st.integers(1, 64), log_scale=st.floats(-2, 3),
+       seed=st.integers(0, 2**16), x64=st.booleans())  # fmt: skip
+def test_forward_mode_matches_jax_over_random_shapes_scales_and_precisions(n, classes, hidden, log_scale, seed, x64):
+    """jax.jvp through the rules against jax.jvp of the plain operations, float32 and float64."""
+    dtype = jnp.float64 if x64 else jnp.float32
+    with jax.enable_x64(x64):
+        logits, labels = ce_inputs(seed, n, classes, 10.0**log_scale, dtype)
+        x, gain, bias, _ = bn_inputs(seed + 1, n, hidden, 10.0**log_scale, dtype)
+        tangents = tangents_like(seed + 2, logits, x, gain, bias)
+        (ce_ours, ce_ref), (bn_ours, bn_ref) = jax.device_get(forward_mode(logits, labels, tangents[0], x, gain, bias,
+                                                                           *tangents[1:]))  # fmt: skip
+    tol = gradcheck.tolerance_for(dtype)
+    eps = np.finfo(np.dtype(dtype)).eps
+    ce_terms = float(np.abs(np.asarray(tangents[0])).sum()) / n  # dL sums n V terms of size |dl|/n
+    np.testing.assert_allclose(ce_ours, ce_ref, rtol=tol.rtol, atol=100 * eps * ce_terms)
+    # dy = dgain x_hat + gain s (dx - ...): at n = 2 it cancels to ~eps/var of its terms, as dx does in reverse mode
+    terms = float(np.abs(np.asarray(gain)).max() * np.abs(np.asarray(tangents[1])).max()) * float(
+        1.0 / np.sqrt(np.var(np.asarray(x, np.float64), axis=0, ddof=1) + 1e-5).max()
+    ) + float(np.abs(np.asarray(tangents[2])).max()) * np.sqrt(n)
+    assert_close(bn_ours, bn_ref, tol, floor=100 * eps * terms)
+
+
+def test_a_batch_of_one_is_refused_by_the_jvp_rule_too():
+    x = jnp.ones((1, 3))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        jax.jvp(jvp.batch_norm, (x, jnp.ones((1, 3)), jnp.zeros((1, 3))), (x, x, x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

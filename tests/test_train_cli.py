@@ -48,7 +48,7 @@ def test_a_short_run_writes_checkpoint_metrics_and_plot(train_script, tmp_path, 
     assert "172,427 / 21,478 / 21,599" in out and "ETA" in out and "steps/s" in out
     assert "train " in out and "dev " in out and "test " in out
     metrics = strict_json(tmp_path / "metrics.json")
-    assert metrics["step"] == 1000 and len(metrics["loss_history"]) == 1000
+    assert metrics["step"] == 1000 and len(LossLog(tmp_path / "losses.f32").read(1000)) == 1000
     assert set(metrics["loss"]) == {"train", "dev", "test"} and metrics["loss"]["dev"] < 3.3
     assert len(metrics["samples"]) == 3 and metrics["parameters"] == 29 * 10 + 30 * 16 + 16 + 16 * 29 + 29 + 32
     assert (tmp_path / "loss.png").stat().st_size > 0
@@ -236,21 +236,27 @@ def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, 
     assert run_cli(train_script, ["--steps", total, *common, "--out", str(straight)], capsys)[0] == 0
     resumed = json.loads((interrupted / "metrics.json").read_text())
     direct = json.loads((straight / "metrics.json").read_text())
-    assert resumed["loss_history"] == direct["loss_history"]
+    np.testing.assert_array_equal(
+        LossLog(interrupted / "losses.f32").read(int(total)), LossLog(straight / "losses.f32").read(int(total))
+    )
     assert resumed["loss"] == direct["loss"]
 
 
-def test_the_compilation_cache_is_on_by_default_and_can_be_turned_off(train_script, tmp_path, monkeypatch):
-    import jax
+def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_path):
+    """Two real processes sharing a new cache: the first fills it, the second finds every program there
+    (no new entry appears); with --no-compile-cache nothing is written."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "JAXBIRDS_CACHE_DIR": str(cache)}
+    args = [sys.executable, str(ROOT / "scripts" / "train.py"), "--steps", "200", *SMALL, "--no-plot"]
 
-    before = jax.config.jax_compilation_cache_dir
-    monkeypatch.setenv("JAXBIRDS_CACHE_DIR", str(tmp_path / "cache"))
-    try:
-        assert cli.use_compile_cache(train_script.parse_args(["--no-compile-cache"])) is None
-        assert jax.config.jax_compilation_cache_dir == before
-        assert cli.use_compile_cache(train_script.parse_args([])) == tmp_path / "cache"
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0  # every program, however fast
-        assert (tmp_path / "cache").is_dir()
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+    def entries():
+        return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+    subprocess.run([*args, "--no-compile-cache", "--out", str(tmp_path / "off")], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    assert entries() == []
+    subprocess.run([*args, "--out", str(tmp_path / "first")], check=True, env=env, capture_output=True)
+    first = entries()
+    assert first
+    subprocess.run([*args, "--out", str(tmp_path / "second")], check=True, env=env, capture_output=True)
+    assert entries() == first
