@@ -31,10 +31,20 @@ from jaxbirds.errors import ConfigError  # noqa: E402
 DEFAULTS = train.TrainConfig()
 MODEL_DEFAULTS = model.ModelConfig()
 
-#: On --resume: flags that may change (TrainConfig field, flag), and flags that may not.
-CHANGEABLE = {"steps": "--steps", "learning_rate": "--lr", "decay_step": "--decay-step", "chunk_size": "--chunk"}
-FIXED_TRAIN = {"batch_size": "--batch-size", "optimizer": "--optimizer", "grad_mode": "--grad", "seed": "--seed"}
-FIXED_MODEL = {"hidden": "--hidden", "embedding_dim": "--embedding"}
+#: The flag of each TrainConfig field, and of each ModelConfig field a flag sets.
+TRAIN_FLAGS = {
+    "steps": "--steps", "learning_rate": "--lr", "decay_step": "--decay-step", "chunk_size": "--chunk",
+    "batch_size": "--batch-size", "optimizer": "--optimizer", "grad_mode": "--grad", "seed": "--seed",
+}  # fmt: skip
+MODEL_FLAGS = {"hidden": "--hidden", "embedding_dim": "--embedding"}
+#: On --resume, these may change; every other flag above belongs to the saved run.
+CHANGEABLE = ("steps", "learning_rate", "decay_step", "chunk_size")
+
+
+def given(args, flags: dict[str, str]) -> dict:
+    """The fields whose flags were given on the command line (the training flags default to None)."""
+    values = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for field, flag in flags.items()}
+    return {field: value for field, value in values.items() if value is not None}
 
 
 def parse_args(argv):
@@ -100,47 +110,21 @@ def parse_args(argv):
 def new_configs(args, dataset: data.Dataset) -> tuple[model.ModelConfig, train.TrainConfig]:
     """The configurations of a new run: the flags given, the defaults for the rest."""
     model_config = model.ModelConfig(
-        vocab_size=dataset.vocab.size,
-        context_size=dataset.context_size,
-        embedding_dim=args.embedding or MODEL_DEFAULTS.embedding_dim,
-        hidden=args.hidden or MODEL_DEFAULTS.hidden,
+        vocab_size=dataset.vocab.size, context_size=dataset.context_size, **given(args, MODEL_FLAGS)
     )
-    given = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "optimizer": args.optimizer,
-        "learning_rate": args.lr,
-        "decay_step": args.decay_step,
-        "seed": args.seed,
-        "grad_mode": args.grad,
-        "chunk_size": args.chunk,
-    }
-    return model_config, train.TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    return model_config, train.TrainConfig(**given(args, TRAIN_FLAGS))
 
 
 def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
     """``saved`` with the changes the flags ask for; a :class:`ConfigError` for a flag that may not change."""
-    flags = {
-        "steps": args.steps,
-        "learning_rate": args.lr,
-        "decay_step": args.decay_step,
-        "chunk_size": args.chunk,
-        "batch_size": args.batch_size,
-        "optimizer": args.optimizer,
-        "grad_mode": args.grad,
-        "seed": args.seed,
-    }
     tc, mc = saved.train_config, saved.model_config
+    asked = {**given(args, TRAIN_FLAGS), **given(args, MODEL_FLAGS)}
+    saved_values = {**dataclasses.asdict(tc), **dataclasses.asdict(mc)}
+    flags = {**TRAIN_FLAGS, **MODEL_FLAGS}
     refused = [
-        f"{flag} {flags[field]} (the run's is {getattr(tc, field)})"
-        for field, flag in FIXED_TRAIN.items()
-        if flags[field] is not None and flags[field] != getattr(tc, field)
-    ]
-    model_flags = {"hidden": args.hidden, "embedding_dim": args.embedding}
-    refused += [
-        f"{flag} {model_flags[field]} (the run's is {getattr(mc, field)})"
-        for field, flag in FIXED_MODEL.items()
-        if model_flags[field] is not None and model_flags[field] != getattr(mc, field)
+        f"{flags[field]} {value} (the run's is {saved_values[field]})"
+        for field, value in asked.items()
+        if field not in CHANGEABLE and value != saved_values[field]
     ]
     if refused:
         raise ConfigError(
@@ -148,13 +132,13 @@ def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
             + "; ".join(refused)
             + ". Start a new run with another --out (or --overwrite) instead"
         )
-    changes = {field: flags[field] for field in CHANGEABLE if flags[field] is not None}
+    changes = {field: value for field, value in asked.items() if field in CHANGEABLE}
     if changes.get("steps", tc.steps) < saved.state.step:
         raise ConfigError(f"--steps {changes['steps']:,} is below the saved run's step {saved.state.step:,}")
     new_tc = dataclasses.replace(tc, **changes)
     described = [
-        f"{flag} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
-        for field, flag in CHANGEABLE.items()
+        f"{TRAIN_FLAGS[field]} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
+        for field in CHANGEABLE
         if getattr(tc, field) != getattr(new_tc, field)
     ]
     return saved._replace(train_config=new_tc), described
