@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,21 +10,35 @@ import numpy as np
 
 from jaxbirds.errors import ConfigError
 
+MISSING = 'plots need matplotlib: pip install -e ".[plots]" (or pass --no-plot)'
+
 
 def require() -> None:
-    """Raise :class:`ConfigError` now, before any work, if figures cannot be drawn."""
-    _pyplot()
+    """Raise :class:`ConfigError` now, before any work, if figures cannot be drawn (without paying
+    for matplotlib's import yet: that happens when the first figure is drawn)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(MISSING)
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError('plots need matplotlib: pip install -e ".[plots]" (or pass --no-plot)') from None
+        raise ConfigError(MISSING) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _figure(figsize):
+    """A figure of matplotlib's object-oriented API, outside pyplot's global state: safe to draw on a
+    thread of its own (the training run draws its loss curve while it evaluates)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError(MISSING) from None
+    return Figure(figsize=figsize)
 
 
 def dlogits_heatmap(dlogits: np.ndarray, labels: np.ndarray, chars: Sequence[str], path: Path) -> Path:
@@ -75,11 +90,14 @@ def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
 
 
 def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = "training loss") -> Path:
-    """log10 of the training loss, averaged over consecutive windows of ``window`` steps."""
-    plt = _pyplot()
+    """log10 of the training loss, averaged over consecutive windows of ``window`` steps.
+
+    Drawn without pyplot (see :func:`_figure`), so it may run on a background thread.
+    """
     log_loss = np.log10(np.asarray(losses, dtype=np.float64))
     usable = len(log_loss) // window * window
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = _figure((8, 4.5))
+    ax = fig.subplots()
     if usable:
         means = log_loss[:usable].reshape(-1, window).mean(axis=1)
         ax.plot(np.arange(len(means)) * window + window / 2, means)
@@ -90,7 +108,11 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
     ax.set_ylabel("log10(loss)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def _save(fig, path: Path) -> Path:

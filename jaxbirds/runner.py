@@ -18,6 +18,7 @@ Files in the output directory:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -216,6 +217,12 @@ def run(
 
     phases["compile"] = result.compile_seconds
     phases["waiting for checkpoints"] = wait_seconds
+    # The loss curve is drawn on a thread of its own while the model is evaluated: matplotlib's
+    # Python work overlaps XLA's, which releases the interpreter lock.
+    plotter, plot = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
+    if options.plot:
+        title = f"training loss ({tc.grad_mode})"
+        plot = plotter.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
     params = result.state.params
     t0 = time.perf_counter()
     stats = evaluate.calibrate(params, dataset.train.X)
@@ -263,11 +270,12 @@ def run(
         "samples": names,
         "memorised_share": memorised,
     }
-    if options.plot:
+    if plot is not None:
         t0 = time.perf_counter()
-        path = plots.loss_curve(result.losses, options.out / LOSS_PLOT, title=f"training loss ({tc.grad_mode})")
-        phases["plot"] = time.perf_counter() - t0
+        path = plot.result()  # raises here if drawing failed
+        phases["plot"] = time.perf_counter() - t0  # only what is left of it once the rest is done
         say(f"wrote {path}")
+    plotter.shutdown()
     # the metrics record every phase but the writing of metrics.json itself (a few milliseconds)
     metrics["timing"]["outside_training"] = phases
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
