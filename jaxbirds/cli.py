@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import filelock
 import jax
 
 from jaxbirds.errors import JaxbirdsError
@@ -62,25 +63,57 @@ def add_compile_cache_option(parser: argparse.ArgumentParser) -> None:
 
 
 def use_compile_cache(args: argparse.Namespace) -> Path | None:
-    """Turn on JAX's persistent compilation cache unless ``--no-compile-cache``; returns its directory.
+    """Turn on JAX's persistent compilation cache unless ``--no-compile-cache``; returns its directory."""
+    return None if args.no_compile_cache else enable_compile_cache(compile_cache_dir())
+
+
+def enable_compile_cache(directory: Path) -> Path | None:
+    """Keep every compiled program in ``directory``, at most :data:`CACHE_MAX_BYTES`; returns it.
 
     Every program is cached, however fast it compiled (JAX's default skips those
-    under a second, which here is nearly all of them). A cache that cannot be
-    created is a warning, not an error: it only saves time.
+    under a second, which here is nearly all of them). Entries a killed process
+    left half-written are removed first (:func:`repair_compile_cache`). A cache
+    that cannot be created is a warning, not an error: it only saves time.
     """
-    if args.no_compile_cache:
-        return None
-    directory = compile_cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         print(f"warning: no compilation cache ({directory}: {err.strerror or err})", file=sys.stderr)
         return None
+    removed = repair_compile_cache(directory)
+    if removed:
+        print(f"note: removed {removed} half-written program(s) from the cache {directory}", file=sys.stderr)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)  # least recently used go first
     return directory
+
+
+def repair_compile_cache(directory: Path) -> int:
+    """Delete the entries a killed process left half-written in the cache; returns how many.
+
+    JAX keeps a compiled program as two files, ``KEY-cache`` (the program) and
+    ``KEY-atime`` (its last use, for evicting the least recently used), written
+    one after the other under the cache's lock file. A process killed between
+    the two writes leaves a ``KEY-cache`` with no ``KEY-atime``, perhaps
+    truncated. JAX 0.10's eviction then fails on it before every later write,
+    with a warning, so no new program is ever cached again and every run
+    compiles from scratch (jax-ml/jax#39880, fixed upstream after 0.10.2). The
+    orphan costs one recompile when deleted; kept, it costs one every run.
+    """
+    try:
+        with filelock.FileLock(directory / ".lockfile", timeout=10):
+            orphans = [
+                entry for entry in directory.glob("*-cache")
+                if not entry.with_name(entry.name.removesuffix("-cache") + "-atime").exists()
+            ]  # fmt: skip
+            for entry in orphans:
+                entry.unlink(missing_ok=True)
+    except (OSError, filelock.Timeout) as err:
+        print(f"warning: could not check the compilation cache {directory}: {err}", file=sys.stderr)
+        return 0
+    return len(orphans)
 
 
 def positive_int(text: str) -> int:

@@ -6,22 +6,20 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxbirds import data, model
+from jaxbirds import cli, data, model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache_in_a_temporary_directory(tmp_path_factory):
-    """One persistent compilation cache per test process, in its temporary directory: a program that
-    several tests compile is compiled once, and the scripts under test use it instead of the user's
-    cache directory. (Not shared between pytest-xdist workers: JAX writes cache entries without a
-    lock, and a half-written one read by the other worker would cost a recompile and a warning.)"""
+    """One persistent compilation cache per test process, in its temporary directory, set up as the
+    scripts set up theirs: a program that several tests compile is compiled once, and the scripts under
+    test (in this process or a child) use it instead of the user's cache directory. Not shared between
+    pytest-xdist workers, so that one worker's tests never depend on what another compiled first."""
     cache = tmp_path_factory.mktemp("xla-cache")
     os.environ["JAXBIRDS_CACHE_DIR"] = str(cache)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cli.enable_compile_cache(cache)
 
 
 @pytest.fixture(scope="session")
