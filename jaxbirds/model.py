@@ -27,6 +27,7 @@ a zero to each and differentiates with respect to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Literal, NamedTuple
@@ -85,14 +86,18 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def init_params(key: jax.Array, config: ModelConfig, dtype=jnp.float32) -> Params:
-    """The tutorial's initialisation.
+    """The tutorial's initialisation, as one compiled program.
 
     ``C ~ N(0, 1)``; ``W1 ~ N(0, 1) * (5/3) / sqrt(fan_in)`` (Kaiming gain for
     tanh); ``b1, W2, b2 ~ 0.1 * N(0, 1)``; ``bngain ~ 1 + 0.1 N(0, 1)``;
     ``bnbias ~ 0.1 N(0, 1)``. All the standard normals come from one draw, cut
     into pieces in ``PARAM_NAMES`` order: one random-number kernel instead of
-    seven, which compiles several times faster on a CPU.
+    seven, which compiles several times faster on a CPU. Jitted, so a run
+    starts with one program rather than a dozen op-by-op dispatches, and a
+    model initialised alone is bit-identical to one initialised under ``vmap``
+    (XLA fuses ``0.1 * N + 1`` into one rounding, op-by-op execution rounds twice).
     """
     shapes = param_shapes(config)
     sizes = [math.prod(shapes[name]) for name in PARAM_NAMES]

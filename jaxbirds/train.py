@@ -156,9 +156,19 @@ class Keys(NamedTuple):
     sample: jax.Array  # the names sampled at the end of a run
 
 
-def keys_for(seed: int) -> Keys:
-    """The seed's three independent streams (one ``split``, never a key used twice)."""
-    return Keys(*jax.random.split(jax.random.key(seed), 3))
+def keys_for(seed: int | jax.Array) -> Keys:
+    """The seed's three independent streams (one ``split``, never a key used twice).
+
+    ``0 <= seed < 2**32``: the seed enters the program as a uint32, since the
+    larger half of that range does not fit an int32.
+    """
+    return _split_seed(jnp.asarray(seed, jnp.uint32))
+
+
+@jax.jit
+def _split_seed(seed: jax.Array) -> Keys:
+    streams = jax.random.split(jax.random.key(seed), 3)
+    return Keys(streams[0], streams[1], streams[2])
 
 
 def loss_and_grads_fn(grad_mode: str) -> Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, Params]]:

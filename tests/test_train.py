@@ -215,6 +215,14 @@ def test_train_stops_at_an_infinite_loss_not_only_at_nan(dataset, data, monkeypa
     np.testing.assert_array_equal(result.losses, np.ones(5))
 
 
+@pytest.mark.parametrize("seed", [0, 2**31 - 1, 2**31, 2**32 - 1])
+def test_every_32_bit_seed_gives_the_streams_of_its_own_key(seed):
+    """The seed reaches the compiled program as a uint32, the upper half of the range included."""
+    expected = jax.random.split(jax.random.key(seed), 3)
+    for got, want in zip(train.keys_for(seed), expected, strict=True):
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+
+
 def test_batches_depend_only_on_seed_and_step():
     key = train.keys_for(0).data
     together = train.sample_batch_indices(key, np.arange(10), 32, 1000)
