@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import filelock
 import jax
@@ -28,6 +30,19 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except JaxbirdsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a script's process with ``code``, skipping Python's last garbage collection.
+
+    At exit, Python collects every object JAX, optax and matplotlib created:
+    about 0.2 s of a run's start-up budget, spent on memory the operating system
+    takes back anyway. Freezing them first leaves the collector nothing to do.
+    Files are unaffected: every file a script writes is closed before this.
+    For scripts only (after :func:`run`), never a process that goes on.
+    """
+    gc.freeze()
+    sys.exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -130,6 +130,28 @@ def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: Run
     return DIVERGED
 
 
+def _warm_up(stand_in: model.Params, dataset: Dataset, context_size: int, options: RunOptions) -> None:
+    """Make the first calls of what runs after training cheap, on a thread of its own while the device trains.
+
+    Calibration, evaluation and sampling each run one jitted program; their
+    first call traces it and compiles it (or loads it from the compilation
+    cache), a few tenths of a second of Python work that the interpreter lock
+    would otherwise serialise after training. Here they are called once on
+    stand-in parameters of the trained ones' shapes and dtypes and two
+    examples (every program pads to its fixed batch), which leaves them traced
+    and compiled for the real calls; matplotlib is imported and warmed up too.
+    XLA releases the lock while it trains, so this costs the training loop
+    next to nothing.
+    """
+    if options.plot:
+        plots.preload()
+    X, Y = dataset.train.X[:2], dataset.train.Y[:2]
+    stats = evaluate.calibrate(stand_in, X)
+    evaluate.split_loss(stand_in, stats, X, Y)
+    if options.samples:
+        sample.sample_names(train.keys_for(0).sample, stand_in, stats, dataset.vocab, context_size, options.samples)
+
+
 def finite_or_none(value):
     """JSON has no NaN or infinity: a value that is not a finite number becomes null."""
     if isinstance(value, dict):
@@ -164,6 +186,11 @@ def run(
     if options.samples:
         sample.check_fits(start.state.params, options.samples, sample.MAX_LENGTH, start.model_config.context_size)
     t_start = time.perf_counter()
+    # A second thread prepares what runs after training while the device trains (see _warm_up),
+    # then draws the loss curve while the model is evaluated.
+    helper = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    stand_in = jax.tree.map(lambda p: np.zeros(np.shape(p), p.dtype), start.state.params)
+    warmed_up = helper.submit(_warm_up, stand_in, dataset, start.model_config.context_size, options)
     ckpt_path = options.out / CHECKPOINT
     tc = start.train_config
     loss_log = LossLog(options.out / checkpoint.LOSS_LOG)
@@ -219,10 +246,11 @@ def run(
     phases["waiting for checkpoints"] = wait_seconds
     # The loss curve is drawn on a thread of its own while the model is evaluated: matplotlib's
     # Python work overlaps XLA's, which releases the interpreter lock.
-    plotter, plot = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
+    warmed_up.result()  # long done, unless the run was only a few chunks long
+    plot = None
     if options.plot:
         title = f"training loss ({tc.grad_mode})"
-        plot = plotter.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
+        plot = helper.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
     params = result.state.params
     t0 = time.perf_counter()
     stats = evaluate.calibrate(params, dataset.train.X)
@@ -275,7 +303,7 @@ def run(
         path = plot.result()  # raises here if drawing failed
         phases["plot"] = time.perf_counter() - t0  # only what is left of it once the rest is done
         say(f"wrote {path}")
-    plotter.shutdown()
+    helper.shutdown()
     # the metrics record every phase but the writing of metrics.json itself (a few milliseconds)
     metrics["timing"]["outside_training"] = phases
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start

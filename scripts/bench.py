@@ -12,7 +12,6 @@ a warm-up, measured side by side in this process.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -97,4 +96,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    cli.exit_process(cli.run(main))

@@ -6,12 +6,13 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import ROOT
 from test_gradcheck import load_script
 
-from jaxbirds import checkpoint, cli
+from jaxbirds import checkpoint, cli, evaluate, model, runner, sample, train
 from jaxbirds.checkpoint import LossLog
 
 SMALL = ["--hidden", "16", "--chunk", "500", "--log-every", "500", "--samples", "3"]
@@ -279,3 +280,17 @@ def test_cache_repair_removes_only_entries_without_their_access_time(tmp_path):
         "jit_evicted-3-atime", "jit_whole-1-atime", "jit_whole-1-cache",
     ]  # fmt: skip
     assert cli.repair_compile_cache(tmp_path) == 0
+
+
+def test_the_warm_up_leaves_every_program_of_the_end_of_a_run_compiled(dataset, tmp_path, caplog):
+    """After the warm-up on stand-in parameters, calibration, evaluation and sampling with trained
+    (device) parameters compile nothing: not their jitted programs, not one op-by-op dispatch."""
+    config = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=24)
+    params = model.init_params(jax.random.key(1), config)
+    stand_in = jax.tree.map(lambda p: np.zeros(np.shape(p), p.dtype), params)
+    runner._warm_up(stand_in, dataset, config.context_size, runner.RunOptions(out=tmp_path, samples=5, plot=False))
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        stats = evaluate.calibrate(params, dataset.train.X)
+        evaluate.split_loss(params, stats, dataset.dev.X, dataset.dev.Y)
+        sample.sample_names(train.keys_for(3).sample, params, stats, dataset.vocab, config.context_size, count=5)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")] == []
