@@ -17,6 +17,7 @@ from typing import NoReturn
 import filelock
 import jax
 
+from jaxbirds import model, train
 from jaxbirds.errors import JaxbirdsError
 from jaxbirds.train import SEED_LIMIT
 
@@ -189,3 +190,52 @@ def stop_requested() -> Iterator[threading.Event]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: The flag of each TrainConfig field, and of each ModelConfig field a flag sets.
+TRAIN_FLAGS = {
+    "steps": "--steps", "learning_rate": "--lr", "decay_step": "--decay-step", "chunk_size": "--chunk",
+    "batch_size": "--batch-size", "optimizer": "--optimizer", "grad_mode": "--grad", "seed": "--seed",
+}  # fmt: skip
+MODEL_FLAGS = {"hidden": "--hidden", "embedding_dim": "--embedding"}
+
+
+def add_training_flags(
+    parser: argparse.ArgumentParser,
+    defaults: train.TrainConfig | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """The flags of :data:`TRAIN_FLAGS` and :data:`MODEL_FLAGS`, shared by ``scripts/train.py`` and
+    ``scripts/sweep.py`` (which skips ``--lr`` and ``--seed``: it takes lists). Each defaults to
+    None, so a caller can tell a flag given from one left out (:func:`given`); ``defaults`` are the
+    values the help names."""
+    defaults, shapes = defaults or train.TrainConfig(), model.ModelConfig()
+    flags = {
+        "--steps": dict(type=positive_int, help=f"total SGD steps (default {defaults.steps:,}); with --resume, "
+                        "a new total to train up to"),
+        "--batch-size": dict(type=batch_size, help=f"examples per step, at least 2 for batch norm (default "
+                             f"{defaults.batch_size})"),
+        "--hidden": dict(type=positive_int, help=f"hidden units (default {shapes.hidden})"),
+        "--embedding": dict(type=positive_int, help=f"embedding size per character (default {shapes.embedding_dim})"),
+        "--lr": dict(type=positive_float, help=f"learning rate; it drops 10x at --decay-step (default "
+                     f"{defaults.learning_rate})"),
+        "--decay-step": dict(type=non_negative_int, help=f"step at which the learning rate drops 10x (default "
+                             f"{defaults.decay_step:,})"),
+        "--optimizer": dict(choices=train.OPTIMIZERS, help=f"optax optimiser (default {defaults.optimizer})"),
+        "--grad": dict(choices=train.GRAD_MODES, help="how gradients are computed: jax.grad of the plain model "
+                       "(autodiff), jax.grad through the hand-written custom_vjp rules, jax.grad through the "
+                       "hand-written custom_jvp rules (transposed by JAX), or the fused manual backward pass "
+                       f"(default {defaults.grad_mode})"),
+        "--seed": dict(type=seed, help=f"fixes initialisation, batches and samples (default {defaults.seed})"),
+        "--chunk": dict(type=positive_int, help=f"steps per compiled call (default {defaults.chunk_size:,}); "
+                        "progress and checkpoints happen between chunks"),
+    }  # fmt: skip
+    for flag, options in flags.items():
+        if flag not in skip:
+            parser.add_argument(flag, **options)
+
+
+def given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """The fields whose flags were given on the command line (the training flags default to None)."""
+    values = {field: getattr(args, flag.lstrip("-").replace("-", "_"), None) for field, flag in flags.items()}
+    return {field: value for field, value in values.items() if value is not None}

@@ -104,12 +104,15 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def schedule(self) -> optax.Schedule:
-        return optax.piecewise_constant_schedule(self.learning_rate, {self.decay_step: self.decay_factor})
+    def schedule(self, learning_rate: float | jax.Array | None = None) -> optax.Schedule:
+        """The step-decay schedule, starting from ``learning_rate`` (default: the config's own;
+        :mod:`jaxbirds.sweep` passes each model's, a traced value)."""
+        start = self.learning_rate if learning_rate is None else learning_rate
+        return optax.piecewise_constant_schedule(start, {self.decay_step: self.decay_factor})
 
-    def make_optimizer(self) -> optax.GradientTransformation:
+    def make_optimizer(self, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
         make = {"sgd": optax.sgd, "adam": optax.adam}[self.optimizer]
-        return make(self.schedule())
+        return make(self.schedule(learning_rate))
 
 
 #: The fields the compiled training program depends on. The others (``steps``,
@@ -199,7 +202,12 @@ def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int,
     return jax.vmap(draw)(steps)
 
 
-def chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
+def chunk_fn(
+    train_config: TrainConfig,
+    length: int,
+    loss_and_grads: Callable | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+) -> Callable:
     """The unit of training, not yet jitted: ``length`` SGD steps fused with ``lax.scan``.
 
     ``chunk(params, opt_state, start, stop, X, Y, data_key) -> (params, opt_state, losses)``
@@ -207,10 +215,11 @@ def chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | 
     changes nothing (its loss is returned, and meaningless), so one program
     serves chunks of any length up to ``length``. ``losses`` has shape
     ``(length,)``. ``loss_and_grads`` replaces the gradient mode's function (the
-    benchmarks time other passes with it). Pure, so it can be transformed
-    further (the benchmarks ``vmap`` it over many models).
+    benchmarks time other passes with it); ``optimizer`` replaces the config's
+    (a sweep's keeps each model's learning rate in its state). Pure, so it can
+    be transformed further: :mod:`jaxbirds.sweep` maps it over many models with ``vmap``.
     """
-    optimizer = train_config.make_optimizer()
+    optimizer = optimizer or train_config.make_optimizer()
     loss_and_grads = loss_and_grads or loss_and_grads_fn(train_config.grad_mode)
 
     def sgd_step(carry, batch):

@@ -28,69 +28,14 @@ from jaxbirds import checkpoint, cli, data, model, runner, train  # noqa: E402
 from jaxbirds.checkpoint import Checkpoint, DataSource  # noqa: E402
 from jaxbirds.errors import ConfigError  # noqa: E402
 
-DEFAULTS = train.TrainConfig()
-MODEL_DEFAULTS = model.ModelConfig()
-
-#: The flag of each TrainConfig field, and of each ModelConfig field a flag sets.
-TRAIN_FLAGS = {
-    "steps": "--steps", "learning_rate": "--lr", "decay_step": "--decay-step", "chunk_size": "--chunk",
-    "batch_size": "--batch-size", "optimizer": "--optimizer", "grad_mode": "--grad", "seed": "--seed",
-}  # fmt: skip
-MODEL_FLAGS = {"hidden": "--hidden", "embedding_dim": "--embedding"}
 #: On --resume, these may change; every other flag above belongs to the saved run.
 CHANGEABLE = ("steps", "learning_rate", "decay_step", "chunk_size")
-
-
-def given(args, flags: dict[str, str]) -> dict:
-    """The fields whose flags were given on the command line (the training flags default to None)."""
-    values = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for field, flag in flags.items()}
-    return {field: value for field, value in values.items() if value is not None}
 
 
 def parse_args(argv):
     # Training flags default to None, so that --resume can tell a flag given from one left out.
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument(
-        "--steps",
-        type=cli.positive_int,
-        help=f"total SGD steps (default {DEFAULTS.steps:,}); with --resume, a new total to train up to",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=cli.batch_size,
-        help=f"examples per step, at least 2 for batch norm (default {DEFAULTS.batch_size})",
-    )
-    p.add_argument("--hidden", type=cli.positive_int, help=f"hidden units (default {MODEL_DEFAULTS.hidden})")
-    p.add_argument(
-        "--embedding",
-        type=cli.positive_int,
-        help=f"embedding size per character (default {MODEL_DEFAULTS.embedding_dim})",
-    )
-    p.add_argument(
-        "--lr",
-        type=cli.positive_float,
-        help=f"learning rate; it drops 10x at --decay-step (default {DEFAULTS.learning_rate})",
-    )
-    p.add_argument(
-        "--decay-step",
-        type=cli.non_negative_int,
-        help=f"step at which the learning rate drops 10x (default {DEFAULTS.decay_step:,})",
-    )
-    p.add_argument("--optimizer", choices=train.OPTIMIZERS, help="optax optimiser (default sgd)")
-    p.add_argument(
-        "--grad",
-        choices=train.GRAD_MODES,
-        help="how gradients are computed: jax.grad of the plain model (autodiff), jax.grad through "
-        "the hand-written custom_vjp rules, jax.grad through the hand-written custom_jvp rules "
-        "(transposed by JAX), or the fused manual backward pass (default autodiff)",
-    )
-    p.add_argument("--seed", type=cli.seed, help=f"fixes initialisation, batches and samples (default {DEFAULTS.seed})")
-    p.add_argument(
-        "--chunk",
-        type=cli.positive_int,
-        help=f"steps per compiled call (default {DEFAULTS.chunk_size:,}); progress and checkpoints "
-        "happen between chunks",
-    )
+    cli.add_training_flags(p)
     p.add_argument(
         "--data", type=Path, help="bird names, one per line (default: the shipped file; with --resume, the run's own)"
     )
@@ -110,17 +55,17 @@ def parse_args(argv):
 def new_configs(args, dataset: data.Dataset) -> tuple[model.ModelConfig, train.TrainConfig]:
     """The configurations of a new run: the flags given, the defaults for the rest."""
     model_config = model.ModelConfig(
-        vocab_size=dataset.vocab.size, context_size=dataset.context_size, **given(args, MODEL_FLAGS)
+        vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
     )
-    return model_config, train.TrainConfig(**given(args, TRAIN_FLAGS))
+    return model_config, train.TrainConfig(**cli.given(args, cli.TRAIN_FLAGS))
 
 
 def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
     """``saved`` with the changes the flags ask for; a :class:`ConfigError` for a flag that may not change."""
     tc, mc = saved.train_config, saved.model_config
-    asked = {**given(args, TRAIN_FLAGS), **given(args, MODEL_FLAGS)}
+    asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
     saved_values = {**dataclasses.asdict(tc), **dataclasses.asdict(mc)}
-    flags = {**TRAIN_FLAGS, **MODEL_FLAGS}
+    flags = {**cli.TRAIN_FLAGS, **cli.MODEL_FLAGS}
     refused = [
         f"{flags[field]} {value} (the run's is {saved_values[field]})"
         for field, value in asked.items()
@@ -137,7 +82,7 @@ def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
         raise ConfigError(f"--steps {changes['steps']:,} is below the saved run's step {saved.state.step:,}")
     new_tc = dataclasses.replace(tc, **changes)
     described = [
-        f"{TRAIN_FLAGS[field]} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
+        f"{cli.TRAIN_FLAGS[field]} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
         for field in CHANGEABLE
         if getattr(tc, field) != getattr(new_tc, field)
     ]
