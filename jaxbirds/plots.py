@@ -131,6 +131,48 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
     return path
 
 
+def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarray, path: Path,
+                 window: int = 1000) -> Path:  # fmt: skip
+    """A sweep at a glance. Left: the dev loss against the learning rate (log scale), each seed a
+    dot, the mean over seeds with ± one standard deviation; diverged runs are left out. Right: every
+    model's training loss (log10, averaged over windows of ``window`` steps), coloured by rate."""
+    fig = _figure((12, 4.5))
+    left, right = fig.subplots(1, 2)
+    rates = [row["learning_rate"] for row in summary]
+    colours = {lr: f"C{i % 10}" for i, lr in enumerate(rates)}
+    for run in runs:
+        if run["diverged_at"] is None and run["loss"]["dev"] is not None:
+            left.scatter(run["learning_rate"], run["loss"]["dev"], s=12, color=colours[run["learning_rate"]], alpha=0.6)
+    kept = [row for row in summary if row["dev_mean"] is not None]
+    x, y, spread = ([r[key] for r in kept] for key in ("learning_rate", "dev_mean", "dev_std"))
+    left.errorbar(x, y, yerr=spread, color="black", marker="o", capsize=4, label="mean ± std")
+    left.set_xscale("log")
+    left.set_xlabel("learning rate")
+    left.set_ylabel("dev loss (calibrated batch norm)")
+    left.set_title("dev loss by learning rate, over seeds")
+    left.legend()
+    left.grid(alpha=0.3)
+    for run, history in zip(runs, losses, strict=True):
+        finite = history[np.isfinite(history)]
+        usable = len(finite) // window * window
+        if usable:
+            means = np.log10(finite[:usable].astype(np.float64)).reshape(-1, window).mean(axis=1)
+            right.plot(np.arange(len(means)) * window + window / 2, means, color=colours[run["learning_rate"]],
+                       alpha=0.5, linewidth=0.8)  # fmt: skip
+    for lr in rates:
+        right.plot([], [], color=colours[lr], label=f"lr {lr:g}")
+    right.set_xlabel(f"step (mean over windows of {window:,})")
+    right.set_ylabel("log10(training loss)")
+    right.set_title("training loss of every model")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -129,8 +129,10 @@ class TrainState(NamedTuple):
     step: int
 
 
-def check_fits(model_config: ModelConfig, train_config: TrainConfig, dtype=jnp.float32, budget: int | None = None):
-    """Refuse, before anything is allocated, a model whose state cannot fit the memory budget.
+def check_fits(
+    model_config: ModelConfig, train_config: TrainConfig, dtype=jnp.float32, budget: int | None = None, models: int = 1
+):
+    """Refuse, before anything is allocated, ``models`` models whose state cannot fit the memory budget.
 
     Counted: parameters, gradients and updates, the optimiser's slots (adam keeps
     two per parameter), and a copy of the parameters while they are initialised.
@@ -139,9 +141,9 @@ def check_fits(model_config: ModelConfig, train_config: TrainConfig, dtype=jnp.f
     slots = {"sgd": 0, "adam": 2}[train_config.optimizer]
     n = model.param_count_for(model_config)
     memory.require(
-        n * jnp.dtype(dtype).itemsize * (4 + slots),
-        f"a model of {n:,} parameters, with its gradients and {train_config.optimizer} state",
-        "use a smaller --hidden or --embedding",
+        models * n * jnp.dtype(dtype).itemsize * (4 + slots),
+        f"{models:,} model(s) of {n:,} parameters, with their gradients and {train_config.optimizer} state",
+        "use fewer models, or a smaller --hidden or --embedding",
         budget,
     )
 

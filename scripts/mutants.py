@@ -40,8 +40,8 @@ MUTANTS = [
     Mutant(
         "schedule-constant",
         "jaxbirds/train.py",
-        "return optax.piecewise_constant_schedule(self.learning_rate, {self.decay_step: self.decay_factor})",
-        "return optax.constant_schedule(self.learning_rate)",
+        "return optax.piecewise_constant_schedule(start, {self.decay_step: self.decay_factor})",
+        "return optax.constant_schedule(start)",
         "the learning rate never decays",
     ),
     Mutant(
@@ -184,10 +184,52 @@ MUTANTS = [
         "last_finite = diverged_at",
         "on divergence the saved state is the one that produced the bad loss",
     ),
+    Mutant(
+        "sweep-rate-not-injected",
+        "jaxbirds/sweep.py",
+        'return params, state._replace(hyperparams={**state.hyperparams, "learning_rate": rate}), keys.data',
+        "return params, state, keys.data",
+        "every model of a sweep trains with the first model's learning rate",
+    ),
+    Mutant(
+        "sweep-wrong-data-stream",
+        "jaxbirds/sweep.py",
+        'return params, state._replace(hyperparams={**state.hyperparams, "learning_rate": rate}), keys.data',
+        'return params, state._replace(hyperparams={**state.hyperparams, "learning_rate": rate}), keys.sample',
+        "a sweep's models draw their minibatches from another stream than their solo runs",
+    ),
+    Mutant(
+        "sweep-divergence-one-late",
+        "jaxbirds/sweep.py",
+        "stop_k = end if not bad.size else step + int(bad[0])",
+        "stop_k = end if not bad.size else step + int(bad[0]) + 1",
+        "a diverged model is reported one step late, with its first bad loss kept",
+    ),
+    Mutant(
+        "sweep-std-biased",
+        "jaxbirds/sweep.py",
+        '"dev_std": float(np.std(dev, ddof=1))',
+        '"dev_std": float(np.std(dev))',
+        "the spread over seeds is the biased standard deviation",
+    ),
+    Mutant(
+        "sweep-best-is-worst",
+        "jaxbirds/sweep.py",
+        'return min(finished, key=lambda i: runs[i]["loss"]["dev"])',
+        'return max(finished, key=lambda i: runs[i]["loss"]["dev"])',
+        "the model saved as the best has the highest dev loss",
+    ),
+    Mutant(
+        "sweep-group-of-one-batched-wrongly",
+        "jaxbirds/sweep.py",
+        "= stops[0], jax.tree.map(",
+        "= stops[0] - 1, jax.tree.map(",
+        "a model trained alone in its group stops one step early",
+    ),
 ]
 
 
-def run_suite(timeout: float) -> tuple[str, float]:
+def run_suite(timeout: float, tests: list[str]) -> tuple[str, float]:
     """Run the default suite, stopping at the first failure: ``("SURVIVED" | "killed" | "timed out", seconds)``.
 
     A time-out is reported as such, not as a kill: it may be a mutant that hangs
@@ -198,7 +240,7 @@ def run_suite(timeout: float) -> tuple[str, float]:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider"],
+            [sys.executable, "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider", *tests],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -210,6 +252,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per suite run (default 600)")
+    parser.add_argument(
+        "--tests", nargs="+", default=[], metavar="PATH",
+        help="run only these test files (a quick check while writing a mutant; the default is the whole suite)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(args.only):
@@ -227,7 +273,7 @@ def main(argv=None) -> int:
             continue
         path.write_text(original.replace(m.old, m.new))
         try:
-            results[m.name], seconds = run_suite(args.timeout)
+            results[m.name], seconds = run_suite(args.timeout, args.tests)
         finally:
             path.write_text(original)
         print(f"{m.name:<28} {results[m.name]:<9} {seconds:5.0f} s  ({m.bug})", flush=True)

@@ -1,0 +1,312 @@
+"""Many models at once: a grid of learning rates × seeds trained by one compiled program, on every device.
+
+The training chunk of :mod:`jaxbirds.train` is mapped over a leading *models*
+axis with ``vmap``, and that axis is split over the devices with
+``jax.shard_map`` on a one-axis :class:`~jax.sharding.Mesh`: each device trains
+its block of ``K / devices`` models, with no communication at all (the models
+share nothing but the read-only training data, replicated on every device).
+The same code runs on the host devices of a CPU, on every GPU of a host, and
+on many hosts after ``jax.distributed.initialize()`` (``jax.devices()`` then
+lists them all).
+
+Model ``k`` is the solo run with its seed and learning rate: the same
+initialisation (bit for bit), the same minibatches (``fold_in(data_key, t)``),
+the same step. Its learning rate lives in its optimiser's state
+(``optax.inject_hyperparams``), so models with different rates share one
+program; the step-decay schedule scales each model's own rate.
+
+A model whose loss stops being finite is frozen from the next chunk on (its
+``stop`` step is set behind it) and reported as diverged at its first bad step.
+Nothing in the program mixes models, so it cannot disturb the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxbirds import evaluate, memory, model, train
+from jaxbirds.errors import ConfigError
+from jaxbirds.model import ModelConfig
+from jaxbirds.train import TrainConfig
+
+#: The name of the mesh axis the models are split over.
+MODELS = "models"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of a sweep: what differs between models."""
+
+    learning_rate: float
+    seed: int
+
+
+def grid(learning_rates: Sequence[float], seeds: Sequence[int]) -> tuple[Member, ...]:
+    """Every learning rate with every seed, learning-rate major; checked like a solo run's values."""
+    if not learning_rates:
+        raise ConfigError("no learning rates: give at least one (--lr or --lr-range)")
+    if not seeds:
+        raise ConfigError("no seeds: give at least one (--seeds N with N >= 1, or --seed-list)")
+    for lr in learning_rates:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"learning rates must be positive numbers, got {lr!r}")
+    for seed in seeds:
+        if not 0 <= seed < train.SEED_LIMIT:
+            raise ConfigError(f"seeds must be integers from 0 to {train.SEED_LIMIT - 1:,}, got {seed!r}")
+    if len(set(learning_rates)) < len(learning_rates) or len(set(seeds)) < len(seeds):
+        raise ConfigError("a learning rate or a seed is given twice: every model of a sweep must differ")
+    return tuple(Member(float(lr), int(seed)) for lr in learning_rates for seed in seeds)
+
+
+def log_spaced(low: float, high: float, count: int) -> list[float]:
+    """``count`` learning rates from ``low`` to ``high``, evenly spaced on a log scale (``--lr-range``)."""
+    if not (0 < low <= high and math.isfinite(high)) or count < 1:
+        raise ConfigError(f"--lr-range needs 0 < LO <= HI and N >= 1, got {low:g} {high:g} {count}")
+    if count == 1:
+        return [low]
+    return [float(f"{v:.6g}") for v in np.geomspace(low, high, count)]
+
+
+def choose_devices(models: int, requested: int | None, available: int) -> int:
+    """How many devices to split ``models`` over: ``requested``, checked, or by default the most
+    that divide the models evenly."""
+    if requested is None:
+        return max(d for d in range(1, min(models, available) + 1) if models % d == 0)
+    if requested < 1 or requested > available:
+        raise ConfigError(f"--devices {requested}: this machine has {available} device(s)")
+    if models % requested:
+        fits = [d for d in range(1, available + 1) if models % d == 0]
+        raise ConfigError(
+            f"{models} models do not split evenly over {requested} devices: pass --devices "
+            f"{' or '.join(map(str, fits))}, or a grid whose size is a multiple of {requested}"
+        )
+    return requested
+
+
+def make_mesh(devices: int) -> Mesh:
+    """A one-axis mesh over the first ``devices`` devices (of every host, after ``jax.distributed``)."""
+    return Mesh(np.array(jax.devices()[:devices]), (MODELS,))
+
+
+def injected_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
+    """The config's optimiser with its learning rate as a hyperparameter in its state
+    (``optax.inject_hyperparams``): one program, a learning rate per model. Its inner state has
+    the structure of the solo optimiser's, so a sweep's model can be saved as a solo run."""
+    return optax.inject_hyperparams(train_config.make_optimizer)(learning_rate=train_config.learning_rate)
+
+
+def init_models(model_config: ModelConfig, train_config: TrainConfig, members: Sequence[Member]):
+    """Parameters and optimiser states of every member, stacked on a leading models axis, with each
+    member's data key: what :func:`jaxbirds.train.init_state` and ``keys_for(seed).data`` give alone."""
+    optimizer = injected_optimizer(train_config)
+    seeds = jnp.asarray([m.seed for m in members], jnp.uint32)
+    rates = jnp.asarray([m.learning_rate for m in members], jnp.float32)
+
+    @jax.jit
+    def init(seeds, rates):
+        def one(seed, rate):
+            keys = train.keys_for(seed)
+            params = model.init_params(keys.init, model_config)
+            state = optimizer.init(params)
+            return params, state._replace(hyperparams={**state.hyperparams, "learning_rate": rate}), keys.data
+
+        return jax.vmap(one)(seeds, rates)
+
+    return init(seeds, rates)
+
+
+#: The most models one batched program trains at once on a device; a device's larger block is
+#: trained in groups of this size, one after another (docs/performance.md §6: beyond it, the batched
+#: models' working set outgrows the CPU's caches and each model-step costs more).
+GROUP = 4
+
+
+def group_size(models: int, most: int = GROUP) -> int:
+    """The largest divisor of ``models`` that is at most ``most``."""
+    return max(g for g in range(1, min(models, most) + 1) if models % g == 0)
+
+
+def models_chunk_fn(train_config: TrainConfig, length: int, group: int = GROUP) -> Callable:
+    """:func:`jaxbirds.train.chunk_fn` over a leading models axis (``stop`` and the data key per model).
+
+    The models are trained in groups of at most ``group``, one group after
+    another (``lax.map``), each group batched with ``vmap``. A group of one
+    model runs the solo chunk unbatched: ``vmap`` over an axis of size 1 turns
+    every reduction over the batch of examples into one over a middle axis,
+    which XLA's CPU backend (its YNNPACK fusions) runs about 25× slower (see
+    docs/performance.md §6).
+    """
+    one = train.chunk_fn(train_config, length, optimizer=injected_optimizer(train_config))
+    batched = jax.vmap(one, in_axes=(0, 0, None, 0, None, None, 0))
+
+    def run_group(start, X, Y, params, opt_state, stops, data_keys):
+        if stops.shape[0] > 1:
+            return batched(params, opt_state, start, stops, X, Y, data_keys)
+        first, (params, opt_state, data_keys) = stops[0], jax.tree.map(lambda x: x[0], (params, opt_state, data_keys))
+        return jax.tree.map(lambda x: x[None], one(params, opt_state, start, first, X, Y, data_keys))
+
+    def chunk(params, opt_state, start, stops, X, Y, data_keys):
+        size = group_size(stops.shape[0], group)
+        per_model = (params, opt_state, stops, data_keys)
+        if size == stops.shape[0]:
+            return run_group(start, X, Y, *per_model)
+        grouped = jax.tree.map(lambda x: x.reshape(-1, size, *x.shape[1:]), per_model)
+        outputs = jax.lax.map(lambda g: run_group(start, X, Y, *g), grouped)
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+
+    return chunk
+
+
+def compile_models_chunk(train_config: TrainConfig, length: int, mesh: Mesh, *args, group: int = GROUP) -> Callable:
+    """:func:`models_chunk_fn`, each device running its block of models (``shard_map``), jitted with
+    the parameter and optimiser buffers donated, and compiled for ``args``."""
+    per_model, shared = P(MODELS), P()
+    sharded = jax.shard_map(
+        models_chunk_fn(train_config, length, group), mesh=mesh,
+        in_specs=(per_model, per_model, shared, per_model, shared, shared, per_model),
+        out_specs=(per_model, per_model, per_model),
+    )  # fmt: skip
+    return jax.jit(sharded, donate_argnums=(0, 1)).lower(*args).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+    model_steps_per_second: float
+    eta_seconds: float
+    best_recent_loss: float  # the lowest mean loss over the chunk just run, among the models still training
+    diverged: int
+
+
+class SweepResult(NamedTuple):
+    params: model.Params  # stacked on the models axis, host copies
+    opt_states: optax.OptState  # stacked, host copies (inject_hyperparams states)
+    losses: np.ndarray  # (models, steps run): every step's loss; NaN after a model's divergence
+    diverged_at: list[int | None]
+    step: int  # steps run by every model that did not diverge
+    compile_seconds: float
+    train_seconds: float
+    stopped: bool
+
+
+def train_models(
+    X: np.ndarray,
+    Y: np.ndarray,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    members: Sequence[Member],
+    mesh: Mesh,
+    on_chunk: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    memory_budget: int | None = None,
+    group: int = GROUP,
+) -> SweepResult:
+    """Train every member to ``train_config.steps`` (its ``learning_rate`` and ``seed`` are ignored:
+    each member brings its own), in compiled chunks, split over ``mesh``'s devices."""
+    if len(Y) < 1:
+        raise ConfigError("there are no training examples")
+    tc, count = train_config, len(members)
+    if count % mesh.size:
+        raise ConfigError(f"{count} models do not split evenly over {mesh.size} devices")
+    per_model, shared = NamedSharding(mesh, P(MODELS)), NamedSharding(mesh, P())
+    params, opt_states, data_keys = jax.device_put(init_models(model_config, tc, members), per_model)
+    X, Y = jax.device_put((jnp.asarray(X), jnp.asarray(Y)), shared)
+    length = min(tc.chunk_size, tc.steps)
+    stops = np.full(count, 0, np.int32)
+
+    t0 = time.perf_counter()
+    args = (params, opt_states, jnp.int32(0), jax.device_put(stops, per_model), X, Y, data_keys)
+    chunk = compile_models_chunk(tc, length, mesh, *args, group=group)
+    memory.require_compiled(
+        chunk, f"a sweep chunk of {count:,} models × {length:,} steps at batch {tc.batch_size:,}",
+        "use fewer models, a smaller --chunk or --batch-size, or more --devices", memory_budget,
+    )  # fmt: skip
+    compile_seconds = time.perf_counter() - t0
+
+    losses = np.full((count, tc.steps), np.nan, np.float32)
+    diverged_at: list[int | None] = [None] * count
+    step, train_seconds = 0, 0.0
+    while step < tc.steps:
+        end = min(step + length, tc.steps)
+        # A diverged model's stop lies behind it: it stays as it is, and its losses are ignored.
+        stops = np.array([end if d is None else 0 for d in diverged_at], np.int32)
+        t0 = time.perf_counter()
+        params, opt_states, chunk_losses = chunk(
+            params, opt_states, jnp.int32(step), jax.device_put(stops, per_model), X, Y, data_keys
+        )
+        chunk_losses = np.asarray(chunk_losses)[:, : end - step]  # the one host sync per chunk
+        train_seconds += time.perf_counter() - t0
+        recent = []
+        for k in range(count):
+            if diverged_at[k] is not None:
+                continue
+            bad = np.flatnonzero(~np.isfinite(chunk_losses[k]))
+            stop_k = end if not bad.size else step + int(bad[0])
+            losses[k, step:stop_k] = chunk_losses[k, : stop_k - step]
+            if bad.size:
+                diverged_at[k] = stop_k
+            else:
+                recent.append(float(chunk_losses[k].mean()))
+        step = end
+        if on_chunk is not None:
+            alive = sum(d is None for d in diverged_at)
+            rate = count * step / train_seconds if train_seconds > 0 else float("inf")
+            eta = count * (tc.steps - step) / rate
+            on_chunk(Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive))
+        if should_stop():
+            break
+    host_params, host_states = train.host_copy((params, opt_states))
+    return SweepResult(
+        host_params, host_states, losses[:, :step], diverged_at, step, compile_seconds, train_seconds, step < tc.steps
+    )
+
+
+def member(tree, k: int):
+    """Model ``k``'s slice of a stacked tree."""
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+class Evaluation(NamedTuple):
+    stats: model.BatchNormStats
+    loss: dict[str, float | None]
+
+
+def evaluate_member(params: model.Params, splits: dict) -> Evaluation:
+    """Batch norm calibrated on the training split, then every split's loss (as a solo run reports)."""
+    stats = evaluate.calibrate(params, splits["train"].X)
+    return Evaluation(stats, {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in splits.items()})
+
+
+def summary_by_rate(runs: Sequence[dict]) -> list[dict]:
+    """Per learning rate: the dev loss's mean and standard deviation over the seeds that did not
+    diverge (sample standard deviation; 0 for a single seed), and how many diverged."""
+    rows = []
+    for lr in dict.fromkeys(run["learning_rate"] for run in runs):
+        same = [run for run in runs if run["learning_rate"] == lr]
+        dev = [run["loss"]["dev"] for run in same if run["diverged_at"] is None and run["loss"]["dev"] is not None]
+        rows.append({
+            "learning_rate": lr,
+            "seeds": len(same),
+            "diverged": sum(run["diverged_at"] is not None for run in same),
+            "dev_mean": float(np.mean(dev)) if dev else None,
+            "dev_std": float(np.std(dev, ddof=1)) if len(dev) > 1 else (0.0 if dev else None),
+        })  # fmt: skip
+    return rows
+
+
+def best_run(runs: Sequence[dict]) -> int | None:
+    """The index of the run with the lowest dev loss among those that did not diverge (None if none)."""
+    finished = [i for i, run in enumerate(runs) if run["diverged_at"] is None and run["loss"]["dev"] is not None]
+    return min(finished, key=lambda i: runs[i]["loss"]["dev"]) if finished else None

@@ -1,0 +1,197 @@
+"""A sweep on disk: what ``scripts/sweep.py`` does, as a library function.
+
+Train every model of the grid in one program (:mod:`jaxbirds.sweep`), then
+calibrate and evaluate each model as a solo run would, print a table per run
+and a summary per learning rate, and write into the output directory:
+
+* ``sweep.json``     - every run's learning rate, seed, split losses and divergence step; the
+  summary per learning rate; the number of models and devices, the throughput, the configs
+  (strict JSON: a loss that does not exist is ``null``);
+* ``sweep.png``      - dev loss against learning rate over seeds, and every model's loss curve;
+* ``checkpoint.npz`` and ``losses.f32`` - the best model (lowest dev loss), saved as an ordinary
+  solo run with its own learning rate and seed: ``scripts/sample.py`` loads it, and
+  ``scripts/train.py --resume --out DIR`` continues it.
+
+Ctrl-C stops after the current chunk; what was trained so far is evaluated and saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import jax
+
+from jaxbirds import checkpoint, plots, runner, sweep, train
+from jaxbirds.checkpoint import Checkpoint, DataSource, LossLog
+from jaxbirds.data import Dataset
+from jaxbirds.errors import OutputError
+from jaxbirds.model import ModelConfig
+from jaxbirds.sweep import Member
+from jaxbirds.train import TrainConfig
+
+SWEEP_JSON = "sweep.json"
+SWEEP_PLOT = "sweep.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    out: Path
+    devices: int
+    plot: bool = True
+    log_every: int = 10_000
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a saved sweep or run unless asked to; check every file can be written."""
+    saved = [Path(out) / name for name in (SWEEP_JSON, runner.CHECKPOINT) if (Path(out) / name).exists()]
+    if saved and not overwrite:
+        raise OutputError(
+            f"{out} already holds results ({saved[0]}); pass --overwrite to replace them, or another --out"
+        )
+    runner.check_writable_dir(out)
+    for name in (SWEEP_JSON, SWEEP_PLOT, runner.CHECKPOINT, checkpoint.LOSS_LOG):
+        if (Path(out) / name).is_dir():
+            raise OutputError(f"{Path(out) / name} is a directory; a sweep writes a file there")
+
+
+def run(
+    dataset: Dataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    members: Sequence[Member],
+    options: SweepOptions,
+    should_stop: Callable[[], bool] = lambda: False,
+    log: TextIO | None = None,
+) -> int:
+    """Train, evaluate and report a sweep; returns an exit code (0, or 130 if interrupted)."""
+    say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
+    if options.plot:
+        plots.require()
+    t_start = time.perf_counter()
+    mesh = sweep.make_mesh(options.devices)
+    next_log = [options.log_every]
+
+    def on_chunk(progress: sweep.Progress) -> None:
+        if progress.step >= next_log[0] or progress.step == progress.total:
+            next_log[0] = (progress.step // options.log_every + 1) * options.log_every
+            diverged = f"  ({progress.diverged} diverged)" if progress.diverged else ""
+            say(
+                f"step {progress.step:>9,}/{progress.total:,}  best loss {progress.best_recent_loss:.4f}  "
+                f"{progress.model_steps_per_second:>8,.0f} model-steps/s  "
+                f"ETA {runner.format_seconds(progress.eta_seconds)}{diverged}"
+            )
+
+    result = sweep.train_models(
+        dataset.train.X, dataset.train.Y, model_config, train_config, members, mesh, on_chunk, should_stop
+    )
+    rate = len(members) * result.step / result.train_seconds if result.train_seconds > 0 else float("nan")
+    say(
+        f"trained {len(members)} models × {result.step:,} steps in {result.train_seconds:.1f} s "
+        f"({rate:,.0f} model-steps/s on {options.devices} device(s); compile {result.compile_seconds:.1f} s)"
+    )
+
+    t0 = time.perf_counter()
+    runs, evaluations = [], []
+    for k, m in enumerate(members):
+        evaluation = None
+        if result.diverged_at[k] is None:
+            evaluation = sweep.evaluate_member(sweep.member(result.params, k), dataset.splits)
+        evaluations.append(evaluation)
+        losses = evaluation.loss if evaluation else {name: None for name in dataset.splits}
+        runs.append({"learning_rate": m.learning_rate, "seed": m.seed, "loss": losses,
+                     "diverged_at": result.diverged_at[k]})  # fmt: skip
+    evaluate_seconds = time.perf_counter() - t0
+    summary = sweep.summary_by_rate(runs)
+    best = sweep.best_run(runs)
+    for line in run_table(runs, best) + summary_table(summary, runs, best):
+        say(line)
+
+    if best is not None:
+        _save_best(result, best, members[best], evaluations[best], dataset, model_config, train_config, options)
+        say(f"saved the best model (lr {members[best].learning_rate:g}, seed {members[best].seed}) as "
+            f"{options.out / runner.CHECKPOINT}")  # fmt: skip
+    report = {
+        "runs": runs,
+        "summary": summary,
+        "best": best,
+        "models": len(members),
+        "devices": options.devices,
+        "device": str(jax.devices()[0].device_kind),
+        "steps": result.step,
+        "interrupted": result.stopped,
+        "model_steps_per_second": rate,
+        "timing": {
+            "compile_seconds": result.compile_seconds,
+            "train_seconds": result.train_seconds,
+            "evaluate_seconds": evaluate_seconds,
+        },  # fmt: skip
+        "configs": {
+            "model_config": dataclasses.asdict(model_config),
+            "train_config": {
+                k: v for k, v in dataclasses.asdict(train_config).items() if k not in ("learning_rate", "seed")
+            },  # fmt: skip
+            "data": {"path": dataset.source, "sha256": dataset.sha256},
+        },
+    }
+    if options.plot:
+        say(f"wrote {plots.sweep_figure(summary, runs, result.losses, options.out / SWEEP_PLOT)}")
+    report["timing"]["total_seconds"] = time.perf_counter() - t_start
+    tmp = options.out / f".{SWEEP_JSON}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(runner.finite_or_none(report), indent=1, allow_nan=False))
+    os.replace(tmp, options.out / SWEEP_JSON)
+    say(f"wrote {options.out / SWEEP_JSON} in {runner.format_seconds(report['timing']['total_seconds'])}")
+    if result.stopped:
+        say(f"interrupted at step {result.step:,}: the results above are for the steps trained so far")
+        return runner.INTERRUPTED
+    return runner.OK
+
+
+def _save_best(result, k, m: Member, evaluation, dataset, model_config, train_config, options) -> None:
+    """Model ``k`` as an ordinary solo run: its own learning rate and seed, the solo optimiser state
+    (the inner state of the injected one), the calibrated statistics and its loss history."""
+    opt_state = sweep.member(result.opt_states, k).inner_state
+    state = train.TrainState(sweep.member(result.params, k), opt_state, result.step)
+    solo = dataclasses.replace(train_config, learning_rate=m.learning_rate, seed=m.seed)
+    source = DataSource(dataset.source, dataset.sha256)
+    log = LossLog(options.out / checkpoint.LOSS_LOG)
+    log.truncate(0)
+    log.append(result.losses[k])
+    checkpoint.save(options.out / runner.CHECKPOINT,
+                    Checkpoint(state, evaluation.stats, dataset.vocab, model_config, solo, source))  # fmt: skip
+
+
+def _loss(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run_table(runs: Sequence[dict], best: int | None) -> list[str]:
+    """One line per run; the best is marked with ``*``."""
+    lines = ["", "| lr | seed | train | dev | test | |", "|---|---|---|---|---|---|"]
+    for i, run in enumerate(runs):
+        loss = run["loss"]
+        note = (
+            "best *"
+            if i == best
+            else (f"diverged at step {run['diverged_at']:,}" if run["diverged_at"] is not None else "")
+        )
+        lines.append(f"| {run['learning_rate']:g} | {run['seed']} | {_loss(loss['train'])} | {_loss(loss['dev'])} | "
+                     f"{_loss(loss['test'])} | {note} |")  # fmt: skip
+    return lines
+
+
+def summary_table(summary: Sequence[dict], runs: Sequence[dict], best: int | None) -> list[str]:
+    """Dev loss per learning rate, mean ± standard deviation over the seeds that did not diverge."""
+    best_lr = runs[best]["learning_rate"] if best is not None else None
+    lines = ["", "| lr | dev loss, mean ± std over seeds | seeds | diverged | |", "|---|---|---|---|---|"]
+    for row in summary:
+        mean = "-" if row["dev_mean"] is None else f"{row['dev_mean']:.4f} ± {row['dev_std']:.4f}"
+        mark = "holds the best run *" if row["learning_rate"] == best_lr else ""
+        lines.append(f"| {row['learning_rate']:g} | {mean} | {row['seeds']} | {row['diverged']} | {mark} |")
+    return lines

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Train a grid of models (learning rates × seeds) as one compiled program, on every device.
+
+Every model shares the shapes, batch size, step count, optimiser, gradient mode
+and schedule (the flags below, as in scripts/train.py) and has its own learning
+rate and seed. Model k trains exactly as `scripts/train.py --lr LR --seed SEED`
+would. Defaults: learning rates 0.05, 0.1, 0.2, 0.4 (--lr-range 0.05 0.4 4),
+4 seeds, the tutorial's 200,000 steps, gradients by the custom_vjp rules
+(the fastest batched mode).
+
+Devices: on a CPU, this script splits the host into one XLA device per core
+before JAX starts (XLA_FLAGS=--xla_force_host_platform_device_count=N, unless
+XLA_FLAGS already sets it), and the models are split evenly over --devices of
+them (default: as many as divide the number of models). On GPUs, --devices
+counts GPUs. After jax.distributed.initialize(), the devices of every host.
+
+Writes sweep.json, sweep.png, and the best model as checkpoint.npz + losses.f32
+(an ordinary run: scripts/sample.py loads it, scripts/train.py --resume continues it).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: one XLA host device per core, so that a CPU has devices to split the models over.
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if HOST_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}={cores}".strip()
+
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+
+from jaxbirds import cli, data, model, sweep, sweep_runner, train  # noqa: E402
+from jaxbirds.errors import ConfigError  # noqa: E402
+
+DEFAULTS = train.TrainConfig(grad_mode="custom_vjp")
+DEFAULT_RATES = (0.05, 0.4, 4)
+DEFAULT_SEEDS = 4
+#: What differs between the models of a sweep; every other TrainConfig field is shared.
+PER_MODEL = ("learning_rate", "seed")
+
+
+def parse_args(argv):
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--lr", type=cli.positive_float, nargs="+", metavar="LR", help="learning rates to try")
+    p.add_argument(
+        "--lr-range", nargs=3, metavar=("LO", "HI", "N"),
+        help="N learning rates from LO to HI, log-spaced (default 0.05 0.4 4); may be combined with --lr",
+    )  # fmt: skip
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seeds", type=cli.non_negative_int, metavar="N",
+        help=f"N seeds per learning rate: --seed, --seed + 1, ... (default {DEFAULT_SEEDS})",
+    )  # fmt: skip
+    seeds.add_argument("--seed-list", type=cli.seed, nargs="+", metavar="SEED", help="the seeds, listed")
+    p.add_argument("--seed", type=cli.seed, default=DEFAULTS.seed, help=f"first seed (default {DEFAULTS.seed})")
+    cli.add_training_flags(p, DEFAULTS, skip=("--lr", "--seed"))
+    p.add_argument("--devices", type=cli.positive_int, help="devices to split the models over (default: see above)")
+    p.add_argument("--data", type=Path, help="bird names, one per line (default: the shipped file)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory (default runs/sweep)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument(
+        "--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)"
+    )
+    p.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
+    cli.add_compile_cache_option(p)
+    return p.parse_args(argv)
+
+
+def learning_rates(args) -> list[float]:
+    rates = list(args.lr or [])
+    if args.lr_range:
+        try:
+            low, high, count = float(args.lr_range[0]), float(args.lr_range[1]), int(args.lr_range[2])
+        except ValueError:
+            raise ConfigError(f"--lr-range takes two numbers and a count, got {' '.join(args.lr_range)}") from None
+        rates += sweep.log_spaced(low, high, count)
+    if args.lr is None and args.lr_range is None:
+        rates = sweep.log_spaced(*DEFAULT_RATES)
+    return rates
+
+
+def seeds(args) -> list[int]:
+    if args.seed_list:
+        return list(args.seed_list)
+    count = DEFAULT_SEEDS if args.seeds is None else args.seeds
+    return [args.seed + i for i in range(count)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cli.use_compile_cache(args)
+    members = sweep.grid(learning_rates(args), seeds(args))
+    devices = sweep.choose_devices(len(members), args.devices, len(jax.devices()))
+    dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
+    model_config = model.ModelConfig(
+        vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
+    )
+    first = members[0]
+    shared = {field: value for field, value in cli.given(args, cli.TRAIN_FLAGS).items() if field not in PER_MODEL}
+    # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
+    train_config = dataclasses.replace(DEFAULTS, **shared, learning_rate=first.learning_rate, seed=first.seed)
+    train.check_fits(model_config, train_config, models=len(members))
+    sweep_runner.prepare_output(args.out, args.overwrite)
+    print(dataset.summary())
+    rates = sorted({m.learning_rate for m in members})
+    print(
+        f"sweep: {len(members)} models (learning rates {', '.join(f'{r:g}' for r in rates)} × "
+        f"{len(members) // len(rates)} seeds) on {devices} device(s) ({jax.devices()[0].device_kind}); "
+        f"{model.param_count_for(model_config):,} parameters each; {train_config.optimizer}, lr drops "
+        f"{1 / train_config.decay_factor:g}x at step {train_config.decay_step:,}; batch {train_config.batch_size}; "
+        f"gradients: {train_config.grad_mode}; {train_config.steps:,} steps"
+    )
+    options = sweep_runner.SweepOptions(out=args.out, devices=devices, plot=not args.no_plot, log_every=args.log_every)
+    with cli.stop_requested() as stop:
+        return sweep_runner.run(dataset, model_config, train_config, members, options, stop.is_set, log=sys.stdout)
+
+
+if __name__ == "__main__":
+    cli.exit_process(cli.run(main))
