@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbirds import manual, model, train
+from jaxbirds import manual, model, sweep, train
 from jaxbirds.data import Dataset
 from jaxbirds.model import ModelConfig
 from jaxbirds.train import TrainConfig
@@ -58,7 +58,8 @@ class BenchConfig:
     unrolls: tuple[int, ...] = (1, 4)
     batches: tuple[int, ...] = (32, 128, 512, 2_048, 4_096)
     hiddens: tuple[int, ...] = (64, 200, 512, 1_024)
-    models: tuple[int, ...] = (1, 4, 16, 64)
+    models: tuple[int, ...] = (1, 2, 4, 8, 16, 64, 256)
+    ungrouped: tuple[int, ...] = (8, 16, 64)  # K also timed as one vmap per device, for comparison
     eager_steps: int = 5  # 0 skips the eager variant
     torch_steps: int = 300
     compile_chunks: tuple[int, ...] = (100, 1_000, 10_000)
@@ -81,7 +82,8 @@ class BenchConfig:
             unrolls=(1,),
             batches=(32, 2_048),
             hiddens=(1_024,),
-            models=(1, 8),
+            models=(8,),
+            ungrouped=(),
             eager_steps=0,
             torch_steps=50,
             compile_chunks=(1_000,),
@@ -345,13 +347,13 @@ def scaling_study(b: Bench) -> list[Row]:
     tc = b.train_config
     points = [("batch", bs, b.model_config, bs) for bs in b.config.batches]
     points += [("hidden", h, dataclasses.replace(b.model_config, hidden=h), tc.batch_size) for h in b.config.hiddens]
-    for sweep, value, mc, bs in points:
+    for axis, value, mc, bs in points:
         length = _chunk_for(bs * mc.hidden, b.config.steps)
         row = b.time_chunks(mc, dataclasses.replace(tc, batch_size=bs), length, 1)
         flops = model_flops(mc, bs)
         rows.append(
             {
-                "sweep": sweep,
+                "sweep": axis,
                 "value": value,
                 "batch": bs,
                 "hidden": mc.hidden,
@@ -386,34 +388,66 @@ def _chunk_for(work: int, steps: int) -> int:
 
 
 def vmap_study(b: Bench) -> list[Row]:
-    """K models (different seeds), trained together: ``vmap`` of the training loop's own chunk."""
-    mc, tc = b.model_config, b.train_config
-    rows = []
-    for k in b.config.models:
-        length = max(50, b.config.steps // k)
-        seeds = tc.seed + jnp.arange(k)
-        params = jax.jit(jax.vmap(lambda seed: model.init_params(train.keys_for(seed).init, mc)))(seeds)
-        opt_state = jax.vmap(tc.make_optimizer().init)(params)
-        data_keys = jax.vmap(lambda seed: train.keys_for(seed).data)(seeds)
-        chunk = jax.vmap(train.chunk_fn(tc, length), in_axes=(0, 0, None, None, None, None, 0))
+    """Many models at once, as ``scripts/sweep.py`` trains them (:mod:`jaxbirds.sweep`, in the sweep's
+    gradient mode, custom_vjp): K models on 1 device and on every device, in groups of
+    ``sweep.GROUP`` and, for comparison, all of a device's models in one ``vmap``; plus ``vmap`` over
+    a single model without the unbatched shortcut, as the issue first measured it. The single-model
+    loop in the same mode is timed first and last, so that drift of the machine shows."""
+    mc, tc = b.model_config, dataclasses.replace(b.train_config, grad_mode="custom_vjp")
+    steps, repeats = b.config.steps, b.config.repeats
+    rows = [{"variant": "single-model loop (train.py)", "devices": 1, "models": 1,
+             **_rate(b.time_chunks(mc, tc, steps, 1))}]  # fmt: skip
+
+    def time_models(k: int, devices: int, group: int | None, naive: bool = False) -> Row:
+        length = max(200, steps * devices // k)
+        members = sweep.grid([tc.learning_rate * (1 + i / 1000) for i in range(k)], [tc.seed])
+        mesh = sweep.make_mesh(devices)
+        per_model = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sweep.MODELS))
+        params, opt_state, keys = sweep.init_models(mc, tc, members, per_model)
+        stops = jax.device_put(np.full(k, 2**30, np.int32), per_model)
+        data = (b.X, b.Y, keys)
         t0 = time.perf_counter()
-        compiled = jax.jit(chunk, donate_argnums=(0, 1))
-        compiled = compiled.lower(params, opt_state, jnp.int32(0), jnp.int32(0), b.X, b.Y, data_keys).compile()
+        if naive:  # vmap over the models axis, whatever its size
+            batched = jax.vmap(train.chunk_fn(tc, length, optimizer=sweep.injected_optimizer(tc)),
+                               in_axes=(0, 0, None, 0, None, None, 0))  # fmt: skip
+            chunk = jax.jit(batched, donate_argnums=(0, 1)).lower(params, opt_state, jnp.int32(0), stops, *data)
+            chunk = chunk.compile()
+        else:
+            chunk = sweep.compile_models_chunk(tc, length, mesh, params, opt_state, jnp.int32(0), stops, *data,
+                                               group=group or k)  # fmt: skip
         compile_s = time.perf_counter() - t0
-        timing = time_calls(compiled, params, opt_state, length, 1, (b.X, b.Y, data_keys), b.config.repeats)
-        rows.append(
-            {
-                "models": k,
-                "compile_s": compile_s,
-                "us_per_step": 1e6 * timing.median / length,
-                "model_steps_per_s": k * length / timing.median,
-                "spread": (k * length / timing.high, k * length / timing.low),
-            }
-        )
+        carry = [params, opt_state]
+
+        def run():
+            carry[0], carry[1], losses = chunk(carry[0], carry[1], jnp.int32(0), stops, *data)
+            losses.block_until_ready()
+
+        timing = measure(run, repeats)
+        group = 1 if naive else sweep.group_size(k // devices, group or k)
+        return {"devices": devices, "models": k, "group": group, "compile_s": compile_s,
+                "us_per_step": 1e6 * timing.median / length, "model_steps_per_s": k * length / timing.median,
+                "spread": (k * length / timing.high, k * length / timing.low)}  # fmt: skip
+
+    rows.append({"variant": "vmap over 1 model, batched (before)", **time_models(1, 1, None, naive=True)})
+    for devices in sorted({1, len(jax.devices())}):
+        for k in b.config.models:
+            if k % devices:
+                continue
+            rows.append({"variant": "sweep", **time_models(k, devices, sweep.GROUP)})
+            if k in b.config.ungrouped and k // devices > sweep.GROUP:
+                rows.append({"variant": "sweep, one vmap per device", **time_models(k, devices, None)})
+    rows.append({"variant": "single-model loop (train.py), again", "devices": 1, "models": 1,
+                 **_rate(b.time_chunks(mc, tc, steps, 1))})  # fmt: skip
     base = rows[0]["model_steps_per_s"]
     for row in rows:
-        row["speedup_vs_one_model"] = row["model_steps_per_s"] / base
+        row["x_single_model"] = row["model_steps_per_s"] / base
     return rows
+
+
+def _rate(timed: Row) -> Row:
+    """A single-model row of :meth:`Bench.time_chunks` in the many-models study's columns."""
+    return {"group": 1, "compile_s": timed["compile_s"], "us_per_step": timed["us_per_step"],
+            "model_steps_per_s": timed["steps_per_s"], "spread": timed["spread_steps_per_s"]}  # fmt: skip
 
 
 def torch_study(b: Bench, jax_steps_per_s: float | None) -> tuple[list[Row], str | None]:
@@ -750,13 +784,16 @@ TABLES = {
         ],
     ),
     "vmap": (
-        "Many models at once (vmap over K models with different seeds; batch 32, hidden 200 each)",
+        "Many models at once (custom_vjp, batch 32, hidden 200 each; the sweep's program)",
         [
+            ("variant", "variant", ""),
+            ("devices", "devices", ""),
             ("models", "K", ""),
-            ("us_per_step", "µs per (K-model) step", ",.1f"),
+            ("group", "models per vmap", ""),
+            ("us_per_step", "µs per call step", ",.1f"),
             ("model_steps_per_s", "model-steps/s", ",.0f"),
             ("spread", "min–max", ",.0f"),
-            ("speedup_vs_one_model", "× one model", ".2f"),
+            ("x_single_model", "× single-model loop", ".2f"),
             ("compile_s", "compile s", ".2f"),
         ],
     ),
@@ -856,22 +893,32 @@ def plot_results(results: dict, out_dir) -> list:
         written.append(_save(fig, out_dir / "dispatch.png"))
     if results.get("scaling"):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, sweep in zip(axes, ("batch", "hidden"), strict=True):
-            rows = [r for r in results["scaling"] if r["sweep"] == sweep]
+        for ax, axis in zip(axes, ("batch", "hidden"), strict=True):
+            rows = [r for r in results["scaling"] if r["sweep"] == axis]
             ax.plot([r["value"] for r in rows], [r["gflops_per_s"] for r in rows], "o-")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel(sweep)
+            ax.set_xlabel(axis)
             ax.set_ylabel("achieved matmul GFLOP/s")
-            ax.set_title(f"{sweep} sweep")
+            ax.set_title(f"{axis} sweep")
             ax.grid(alpha=0.3)
         written.append(_save(fig, out_dir / "scaling.png"))
     if results.get("vmap"):
         rows = results["vmap"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["models"] for r in rows], [r["model_steps_per_s"] for r in rows], "o-")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (variant, devices), style in zip(
+            dict.fromkeys((r["variant"], r["devices"]) for r in rows if r["variant"].startswith("sweep")),
+            ["o-", "s--", "^-", "v--"], strict=False,
+        ):  # fmt: skip
+            line = [r for r in rows if r["variant"] == variant and r["devices"] == devices]
+            ax.plot([r["models"] for r in line], [r["model_steps_per_s"] for r in line], style,
+                    label=f"{variant}, {devices} device(s)")  # fmt: skip
+        single = [r["model_steps_per_s"] for r in rows if r["variant"].startswith("single-model")]
+        ax.axhline(single[0], color="gray", linestyle=":", label="single-model loop")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("models trained together (K)")
         ax.set_ylabel("model-steps per second")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
         written.append(_save(fig, out_dir / "vmap.png"))
     gradient_rows = [r for r in results.get("accuracy", []) if "median_rel_error" in r]

@@ -46,6 +46,22 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def split_host_into_devices() -> None:
+    """Give XLA's CPU platform one device per core, unless ``XLA_FLAGS`` already says how many.
+
+    JAX reads the flag when it first uses a device, so a script calls this
+    before anything touches one; on a machine with GPUs it changes nothing
+    they do. Scripts that split work over devices (``sweep.py``, ``bench.py``)
+    then have a device per core to split it over.
+    """
+    if HOST_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}={cores}".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` with one-line errors: ``<prog>: error: <message> (see --help)``, exit code 2."""
 

@@ -147,6 +147,8 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     x, y, spread = ([r[key] for r in kept] for key in ("learning_rate", "dev_mean", "dev_std"))
     left.errorbar(x, y, yerr=spread, color="black", marker="o", capsize=4, label="mean ± std")
     left.set_xscale("log")
+    left.set_xticks(rates, labels=[f"{lr:g}" for lr in rates])
+    left.minorticks_off()
     left.set_xlabel("learning rate")
     left.set_ylabel("dev loss (calibrated batch norm)")
     left.set_title("dev loss by learning rate, over seeds")

@@ -23,6 +23,7 @@ Nothing in the program mixes models, so it cannot disturb the others.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -106,14 +107,20 @@ def injected_optimizer(train_config: TrainConfig) -> optax.GradientTransformatio
     return optax.inject_hyperparams(train_config.make_optimizer)(learning_rate=train_config.learning_rate)
 
 
-def init_models(model_config: ModelConfig, train_config: TrainConfig, members: Sequence[Member]):
+def init_models(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    members: Sequence[Member],
+    sharding: NamedSharding | None = None,
+):
     """Parameters and optimiser states of every member, stacked on a leading models axis, with each
-    member's data key: what :func:`jaxbirds.train.init_state` and ``keys_for(seed).data`` give alone."""
+    member's data key: what :func:`jaxbirds.train.init_state` and ``keys_for(seed).data`` give alone.
+    With ``sharding``, each device makes its own block of models."""
     optimizer = injected_optimizer(train_config)
     seeds = jnp.asarray([m.seed for m in members], jnp.uint32)
     rates = jnp.asarray([m.learning_rate for m in members], jnp.float32)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding)
     def init(seeds, rates):
         def one(seed, rate):
             keys = train.keys_for(seed)
@@ -221,8 +228,8 @@ def train_models(
     if count % mesh.size:
         raise ConfigError(f"{count} models do not split evenly over {mesh.size} devices")
     per_model, shared = NamedSharding(mesh, P(MODELS)), NamedSharding(mesh, P())
-    params, opt_states, data_keys = jax.device_put(init_models(model_config, tc, members), per_model)
-    X, Y = jax.device_put((jnp.asarray(X), jnp.asarray(Y)), shared)
+    params, opt_states, data_keys = init_models(model_config, tc, members, per_model)
+    X, Y = jax.device_put((np.asarray(X), np.asarray(Y)), shared)  # the same on every device
     length = min(tc.chunk_size, tc.steps)
     stops = np.full(count, 0, np.int32)
 
@@ -246,7 +253,7 @@ def train_models(
         params, opt_states, chunk_losses = chunk(
             params, opt_states, jnp.int32(step), jax.device_put(stops, per_model), X, Y, data_keys
         )
-        chunk_losses = np.asarray(chunk_losses)[:, : end - step]  # the one host sync per chunk
+        chunk_losses = to_host(chunk_losses)[:, : end - step]  # the one host sync per chunk
         train_seconds += time.perf_counter() - t0
         recent = []
         for k in range(count):
@@ -267,10 +274,20 @@ def train_models(
             on_chunk(Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive))
         if should_stop():
             break
-    host_params, host_states = train.host_copy((params, opt_states))
+    host_params, host_states = jax.tree.map(to_host, (params, opt_states))
     return SweepResult(
         host_params, host_states, losses[:, :step], diverged_at, step, compile_seconds, train_seconds, step < tc.steps
     )
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A copy of every value of a (global) array on this host; after ``jax.distributed.initialize()``
+    the blocks of the other hosts are gathered too (``process_allgather``)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.array(x, copy=True)
 
 
 def member(tree, k: int):

@@ -70,7 +70,12 @@ def run(
     should_stop: Callable[[], bool] = lambda: False,
     log: TextIO | None = None,
 ) -> int:
-    """Train, evaluate and report a sweep; returns an exit code (0, or 130 if interrupted)."""
+    """Train, evaluate and report a sweep; returns an exit code (0, or 130 if interrupted).
+
+    After ``jax.distributed.initialize()``, every process trains its devices' models and evaluates
+    all of them; only the first process prints and writes files."""
+    if jax.process_index() != 0:
+        log, options = None, dataclasses.replace(options, plot=False)
     say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
     if options.plot:
         plots.require()
@@ -113,6 +118,8 @@ def run(
     for line in run_table(runs, best) + summary_table(summary, runs, best):
         say(line)
 
+    if jax.process_index() != 0:
+        return runner.INTERRUPTED if result.stopped else runner.OK
     if best is not None:
         _save_best(result, best, members[best], evaluations[best], dataset, model_config, train_config, options)
         say(f"saved the best model (lr {members[best].learning_rate:g}, seed {members[best].seed}) as "

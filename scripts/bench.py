@@ -96,4 +96,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.split_host_into_devices()  # one device per core, for the many-models study
     cli.exit_process(cli.run(main))

@@ -20,22 +20,14 @@ Writes sweep.json, sweep.png, and the best model as checkpoint.npz + losses.f32
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import sys
+from pathlib import Path
 
-# Before JAX starts: one XLA host device per core, so that a CPU has devices to split the models over.
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-if HOST_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}={cores}".strip()
+import jax
 
-import dataclasses  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-
-from jaxbirds import cli, data, model, sweep, sweep_runner, train  # noqa: E402
-from jaxbirds.errors import ConfigError  # noqa: E402
+from jaxbirds import cli, data, model, sweep, sweep_runner, train
+from jaxbirds.errors import ConfigError
 
 DEFAULTS = train.TrainConfig(grad_mode="custom_vjp")
 DEFAULT_RATES = (0.05, 0.4, 4)
@@ -67,6 +59,12 @@ def parse_args(argv):
         "--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)"
     )
     p.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
+    p.add_argument(
+        "--distributed", action="store_true",
+        help="call jax.distributed.initialize() first (run the same command on every host; it finds the "
+        "coordinator from the cluster's environment, e.g. SLURM or Open MPI); the models are then split "
+        "over the devices of every host, and the first process writes the results",
+    )  # fmt: skip
     cli.add_compile_cache_option(p)
     return p.parse_args(argv)
 
@@ -93,6 +91,8 @@ def seeds(args) -> list[int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()
     cli.use_compile_cache(args)
     members = sweep.grid(learning_rates(args), seeds(args))
     devices = sweep.choose_devices(len(members), args.devices, len(jax.devices()))
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
     train_config = dataclasses.replace(DEFAULTS, **shared, learning_rate=first.learning_rate, seed=first.seed)
     train.check_fits(model_config, train_config, models=len(members))
-    sweep_runner.prepare_output(args.out, args.overwrite)
+    if jax.process_index() == 0:
+        sweep_runner.prepare_output(args.out, args.overwrite)
     print(dataset.summary())
     rates = sorted({m.learning_rate for m in members})
     print(
@@ -121,4 +122,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.split_host_into_devices()
     cli.exit_process(cli.run(main))
