@@ -103,8 +103,8 @@ def enable_compile_cache(directory: Path) -> Path | None:
     """Keep every compiled program in ``directory``, at most :data:`CACHE_MAX_BYTES`; returns it.
 
     Every program is cached, however fast it compiled (JAX's default skips those
-    under a second, which here is nearly all of them). Entries a killed process
-    left half-written are removed first (:func:`repair_compile_cache`). A cache
+    under a second, which here is nearly all of them). Entries without a last-use
+    time are given one first (:func:`repair_compile_cache`). A cache
     that cannot be created is a warning, not an error: it only saves time.
     """
     try:
@@ -112,9 +112,10 @@ def enable_compile_cache(directory: Path) -> Path | None:
     except OSError as err:
         print(f"warning: no compilation cache ({directory}: {err.strerror or err})", file=sys.stderr)
         return None
-    removed = repair_compile_cache(directory)
-    if removed:
-        print(f"note: removed {removed} half-written program(s) from the cache {directory}", file=sys.stderr)
+    repaired = repair_compile_cache(directory)
+    if repaired:
+        print(f"note: {repaired} program(s) in the cache {directory} had no last-use time; now the oldest",
+              file=sys.stderr)  # fmt: skip
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -123,29 +124,30 @@ def enable_compile_cache(directory: Path) -> Path | None:
 
 
 def repair_compile_cache(directory: Path) -> int:
-    """Delete the entries a killed process left half-written in the cache; returns how many.
+    """Give every cached program without a last-use time the oldest one; returns how many.
 
     JAX keeps a compiled program as two files, ``KEY-cache`` (the program) and
     ``KEY-atime`` (its last use, for evicting the least recently used), written
     one after the other under the cache's lock file. A process killed between
-    the two writes leaves a ``KEY-cache`` with no ``KEY-atime``, perhaps
-    truncated. JAX 0.10's eviction then fails on it before every later write,
-    with a warning, so no new program is ever cached again and every run
-    compiles from scratch (jax-ml/jax#39880, fixed upstream after 0.10.2). The
-    orphan costs one recompile when deleted; kept, it costs one every run.
+    the two writes leaves a ``KEY-cache`` alone (and so does JAX with no size
+    limit, which writes no times at all). JAX 0.10's eviction then fails on it
+    before every later write, with a warning, so no new program is ever cached
+    again and every run compiles from scratch (jax-ml/jax#39880, fixed upstream
+    after 0.10.2, the same way: a missing time counts as the oldest). Nothing
+    is deleted: such an entry is simply the first to go when the cache is full.
     """
     try:
         with filelock.FileLock(directory / ".lockfile", timeout=10):
-            orphans = [
-                entry for entry in directory.glob("*-cache")
-                if not entry.with_name(entry.name.removesuffix("-cache") + "-atime").exists()
-            ]  # fmt: skip
-            for entry in orphans:
-                entry.unlink(missing_ok=True)
+            repaired = 0
+            for entry in directory.glob("*-cache"):
+                atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+                if not atime.exists():
+                    atime.write_bytes((0).to_bytes(8, "little"))
+                    repaired += 1
     except (OSError, filelock.Timeout) as err:
         print(f"warning: could not check the compilation cache {directory}: {err}", file=sys.stderr)
         return 0
-    return len(orphans)
+    return repaired
 
 
 def positive_int(text: str) -> int:

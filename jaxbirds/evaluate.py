@@ -22,18 +22,18 @@ from jaxbirds.model import BatchNormStats, Params
 from jaxbirds.ops import check_batch_size
 
 MAX_BATCH = 16_384
-#: Buffers per row alive at once in the evaluation program, in units of (hidden + vocabulary) values:
-#: hprebn, hpreact and h for the hidden layer, logits and log-softmax for the output, with slack for
-#: XLA's temporaries.
+#: Buffers per row alive at once in the evaluation program, in units of (embedding inputs + hidden +
+#: vocabulary) values: the embedded context; hprebn, hpreact and h for the hidden layer; logits and
+#: log-softmax for the output; with slack for XLA's temporaries.
 LIVE_BUFFERS = 4
 
 
 def batch_size_for(params: Params, budget: int | None = None) -> int:
     """Rows per evaluation batch: as many as fit the memory budget, at most :data:`MAX_BATCH`."""
-    hidden, vocab = params["W1"].shape[1], params["W2"].shape[1]
+    (fan_in, hidden), vocab = params["W1"].shape, params["W2"].shape[1]
     itemsize = params["W1"].dtype.itemsize
     param_bytes = sum(p.size * p.dtype.itemsize for p in params.values())
-    per_row = LIVE_BUFFERS * (hidden + vocab) * itemsize + 64
+    per_row = LIVE_BUFFERS * (fan_in + hidden + vocab) * itemsize + 64
     return memory.rows_within(per_row, param_bytes, MAX_BATCH, budget)
 
 

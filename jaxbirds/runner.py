@@ -219,6 +219,9 @@ def run(
         result = train.train(
             dataset.train.X, dataset.train.Y, tc, start.state, history, on_chunk=on_chunk, should_stop=should_stop
         )
+    except BaseException:
+        helper.shutdown(wait=False, cancel_futures=True)  # the warm-up is of no use now
+        raise
     finally:
         t_wait = time.perf_counter()
         try:
@@ -233,6 +236,8 @@ def run(
         f"compile {result.compile_seconds:.1f} s; saving {writer.seconds:.1f} s in the background, "
         f"{wait_seconds:.2f} s waited for)"
     )
+    if result.diverged_at is not None or result.stopped:
+        helper.shutdown(wait=False, cancel_futures=True)  # no evaluation follows: the warm-up is of no use
     if result.diverged_at is not None:
         return _diverged(result, start, writer, loss_log, options, say)
     if result.stopped:

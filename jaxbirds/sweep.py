@@ -107,6 +107,17 @@ def injected_optimizer(train_config: TrainConfig) -> optax.GradientTransformatio
     return optax.inject_hyperparams(train_config.make_optimizer)(learning_rate=train_config.learning_rate)
 
 
+def check_fits(model_config: ModelConfig, train_config: TrainConfig, models: int, budget: int | None = None) -> None:
+    """Refuse, before anything is allocated, a sweep whose models or loss histories cannot fit the
+    memory budget: every model's state (:func:`jaxbirds.train.check_fits`) and every model's loss
+    at every step, kept on the host (float32)."""
+    train.check_fits(model_config, train_config, budget=budget, models=models)
+    memory.require(
+        4 * models * train_config.steps, f"the loss history of {models:,} models × {train_config.steps:,} steps",
+        "use fewer models or fewer --steps", budget,
+    )  # fmt: skip
+
+
 def init_models(
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -206,6 +217,7 @@ class SweepResult(NamedTuple):
     compile_seconds: float
     train_seconds: float
     stopped: bool
+    model_steps: int  # steps trained, summed over the models (a diverged model's up to its first bad loss)
 
 
 def train_models(
@@ -227,6 +239,7 @@ def train_models(
     tc, count = train_config, len(members)
     if count % mesh.size:
         raise ConfigError(f"{count} models do not split evenly over {mesh.size} devices")
+    check_fits(model_config, tc, count, memory_budget)
     per_model, shared = NamedSharding(mesh, P(MODELS)), NamedSharding(mesh, P())
     params, opt_states, data_keys = init_models(model_config, tc, members, per_model)
     X, Y = jax.device_put((np.asarray(X), np.asarray(Y)), shared)  # the same on every device
@@ -244,7 +257,7 @@ def train_models(
 
     losses = np.full((count, tc.steps), np.nan, np.float32)
     diverged_at: list[int | None] = [None] * count
-    step, train_seconds = 0, 0.0
+    step, train_seconds, model_steps = 0, 0.0, 0
     while step < tc.steps:
         end = min(step + length, tc.steps)
         # A diverged model's stop lies behind it: it stays as it is, and its losses are ignored.
@@ -262,6 +275,7 @@ def train_models(
             bad = np.flatnonzero(~np.isfinite(chunk_losses[k]))
             stop_k = end if not bad.size else step + int(bad[0])
             losses[k, step:stop_k] = chunk_losses[k, : stop_k - step]
+            model_steps += stop_k - step
             if bad.size:
                 diverged_at[k] = stop_k
             else:
@@ -269,15 +283,16 @@ def train_models(
         step = end
         if on_chunk is not None:
             alive = sum(d is None for d in diverged_at)
-            rate = count * step / train_seconds if train_seconds > 0 else float("inf")
-            eta = count * (tc.steps - step) / rate
+            rate = model_steps / train_seconds if train_seconds > 0 else float("inf")
+            eta = alive * (tc.steps - step) / rate if rate > 0 else float("nan")
             on_chunk(Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive))
         if should_stop():
             break
     host_params, host_states = jax.tree.map(to_host, (params, opt_states))
     return SweepResult(
-        host_params, host_states, losses[:, :step], diverged_at, step, compile_seconds, train_seconds, step < tc.steps
-    )
+        host_params, host_states, losses[:, :step], diverged_at, step, compile_seconds, train_seconds,
+        step < tc.steps, model_steps,
+    )  # fmt: skip
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -306,13 +321,19 @@ def evaluate_member(params: model.Params, splits: dict) -> Evaluation:
     return Evaluation(stats, {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in splits.items()})
 
 
+def _finished(run: dict) -> bool:
+    """A run that did not diverge and has a finite dev loss."""
+    dev = run["loss"]["dev"]
+    return run["diverged_at"] is None and dev is not None and math.isfinite(dev)
+
+
 def summary_by_rate(runs: Sequence[dict]) -> list[dict]:
     """Per learning rate: the dev loss's mean and standard deviation over the seeds that did not
     diverge (sample standard deviation; 0 for a single seed), and how many diverged."""
     rows = []
     for lr in dict.fromkeys(run["learning_rate"] for run in runs):
         same = [run for run in runs if run["learning_rate"] == lr]
-        dev = [run["loss"]["dev"] for run in same if run["diverged_at"] is None and run["loss"]["dev"] is not None]
+        dev = [run["loss"]["dev"] for run in same if _finished(run)]
         rows.append({
             "learning_rate": lr,
             "seeds": len(same),
@@ -325,5 +346,5 @@ def summary_by_rate(runs: Sequence[dict]) -> list[dict]:
 
 def best_run(runs: Sequence[dict]) -> int | None:
     """The index of the run with the lowest dev loss among those that did not diverge (None if none)."""
-    finished = [i for i, run in enumerate(runs) if run["diverged_at"] is None and run["loss"]["dev"] is not None]
+    finished = [i for i, run in enumerate(runs) if _finished(run)]
     return min(finished, key=lambda i: runs[i]["loss"]["dev"]) if finished else None

@@ -12,13 +12,15 @@ and a summary per learning rate, and write into the output directory:
   solo run with its own learning rate and seed: ``scripts/sample.py`` loads it, and
   ``scripts/train.py --resume --out DIR`` continues it.
 
-Ctrl-C stops after the current chunk; what was trained so far is evaluated and saved.
+Ctrl-C stops after the current chunk; what was trained so far is evaluated and saved. A sweep in
+which every model diverged saves no model and ends with exit code 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import uuid
@@ -96,7 +98,10 @@ def run(
     result = sweep.train_models(
         dataset.train.X, dataset.train.Y, model_config, train_config, members, mesh, on_chunk, should_stop
     )
-    rate = len(members) * result.step / result.train_seconds if result.train_seconds > 0 else float("nan")
+    if jax.process_index() == 0:  # trained: what a run there before wrote no longer describes --out
+        for stale in (SWEEP_JSON, SWEEP_PLOT, runner.CHECKPOINT, checkpoint.LOSS_LOG, runner.METRICS, runner.LOSS_PLOT):
+            (options.out / stale).unlink(missing_ok=True)
+    rate = result.model_steps / result.train_seconds if result.train_seconds > 0 else float("nan")
     say(
         f"trained {len(members)} models × {result.step:,} steps in {result.train_seconds:.1f} s "
         f"({rate:,.0f} model-steps/s on {options.devices} device(s); compile {result.compile_seconds:.1f} s)"
@@ -105,13 +110,14 @@ def run(
     t0 = time.perf_counter()
     runs, evaluations = [], []
     for k, m in enumerate(members):
-        evaluation = None
-        if result.diverged_at[k] is None:
+        evaluation, diverged_at = None, result.diverged_at[k]
+        if diverged_at is None:
             evaluation = sweep.evaluate_member(sweep.member(result.params, k), dataset.splits)
+            if not all(loss is None or math.isfinite(loss) for loss in evaluation.loss.values()):
+                evaluation, diverged_at = None, result.step  # trained to parameters that overflow in evaluation
         evaluations.append(evaluation)
         losses = evaluation.loss if evaluation else {name: None for name in dataset.splits}
-        runs.append({"learning_rate": m.learning_rate, "seed": m.seed, "loss": losses,
-                     "diverged_at": result.diverged_at[k]})  # fmt: skip
+        runs.append({"learning_rate": m.learning_rate, "seed": m.seed, "loss": losses, "diverged_at": diverged_at})
     evaluate_seconds = time.perf_counter() - t0
     summary = sweep.summary_by_rate(runs)
     best = sweep.best_run(runs)
@@ -157,6 +163,9 @@ def run(
     if result.stopped:
         say(f"interrupted at step {result.step:,}: the results above are for the steps trained so far")
         return runner.INTERRUPTED
+    if best is None:
+        say("error: every model diverged, so no model was saved; try lower learning rates (--lr, --lr-range)")
+        return runner.DIVERGED
     return runner.OK
 
 

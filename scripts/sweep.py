@@ -3,10 +3,11 @@
 
 Every model shares the shapes, batch size, step count, optimiser, gradient mode
 and schedule (the flags below, as in scripts/train.py) and has its own learning
-rate and seed. Model k trains exactly as `scripts/train.py --lr LR --seed SEED`
-would. Defaults: learning rates 0.05, 0.1, 0.2, 0.4 (--lr-range 0.05 0.4 4),
-4 seeds, the tutorial's 200,000 steps, gradients by the custom_vjp rules
-(the fastest batched mode).
+rate and seed. With sgd, model k trains bit for bit as `scripts/train.py --lr LR
+--seed SEED --grad custom_vjp` would (with adam, to within rounding). Defaults:
+learning rates 0.05, 0.1, 0.2, 0.4 (--lr-range 0.05 0.4 4), 4 seeds, the
+tutorial's 200,000 steps, gradients by the custom_vjp rules (the fastest
+batched mode).
 
 Devices: on a CPU, this script splits the host into one XLA device per core
 before JAX starts (XLA_FLAGS=--xla_force_host_platform_device_count=N, unless
@@ -49,7 +50,7 @@ def parse_args(argv):
         help=f"N seeds per learning rate: --seed, --seed + 1, ... (default {DEFAULT_SEEDS})",
     )  # fmt: skip
     seeds.add_argument("--seed-list", type=cli.seed, nargs="+", metavar="SEED", help="the seeds, listed")
-    p.add_argument("--seed", type=cli.seed, default=DEFAULTS.seed, help=f"first seed (default {DEFAULTS.seed})")
+    p.add_argument("--seed", type=cli.seed, help=f"the first of --seeds N (default {DEFAULTS.seed})")
     cli.add_training_flags(p, DEFAULTS, skip=("--lr", "--seed"))
     p.add_argument("--devices", type=cli.positive_int, help="devices to split the models over (default: see above)")
     p.add_argument("--data", type=Path, help="bird names, one per line (default: the shipped file)")
@@ -82,11 +83,24 @@ def learning_rates(args) -> list[float]:
     return rates
 
 
+def seed_count(args) -> int:
+    if args.seed_list:
+        if args.seed is not None:
+            raise ConfigError("--seed sets the first of --seeds N; with --seed-list, list every seed instead")
+        return len(args.seed_list)
+    return DEFAULT_SEEDS if args.seeds is None else args.seeds
+
+
 def seeds(args) -> list[int]:
     if args.seed_list:
         return list(args.seed_list)
-    count = DEFAULT_SEEDS if args.seeds is None else args.seeds
-    return [args.seed + i for i in range(count)]
+    first = DEFAULTS.seed if args.seed is None else args.seed
+    return [first + i for i in range(seed_count(args))]
+
+
+def rate_count(args) -> int:
+    counts = len(args.lr or []) + (int(args.lr_range[2]) if args.lr_range and args.lr_range[2].isdigit() else 0)
+    return counts if args.lr or args.lr_range else DEFAULT_RATES[2]
 
 
 def main(argv=None) -> int:
@@ -94,17 +108,17 @@ def main(argv=None) -> int:
     if args.distributed:
         jax.distributed.initialize()
     cli.use_compile_cache(args)
-    members = sweep.grid(learning_rates(args), seeds(args))
-    devices = sweep.choose_devices(len(members), args.devices, len(jax.devices()))
     dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
     model_config = model.ModelConfig(
         vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
     )
-    first = members[0]
     shared = {field: value for field, value in cli.given(args, cli.TRAIN_FLAGS).items() if field not in PER_MODEL}
     # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
-    train_config = dataclasses.replace(DEFAULTS, **shared, learning_rate=first.learning_rate, seed=first.seed)
-    train.check_fits(model_config, train_config, models=len(members))
+    train_config = dataclasses.replace(DEFAULTS, **shared)
+    sweep.check_fits(model_config, train_config, max(rate_count(args) * seed_count(args), 1))  # before any list
+    members = sweep.grid(learning_rates(args), seeds(args))
+    devices = sweep.choose_devices(len(members), args.devices, len(jax.devices()))
+    train_config = dataclasses.replace(train_config, learning_rate=members[0].learning_rate, seed=members[0].seed)
     if jax.process_index() == 0:
         sweep_runner.prepare_output(args.out, args.overwrite)
     print(dataset.summary())

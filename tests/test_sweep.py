@@ -1,5 +1,6 @@
 """Many models at once: each model of a sweep trains like its solo run, on one device or two."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,6 +56,18 @@ def test_model_k_of_a_sweep_trains_like_its_solo_run(dataset, solo_losses, group
     assert jax.tree_util.tree_structure(inner) == jax.tree_util.tree_structure(solo_state)
 
 
+def test_with_adam_model_k_trains_like_its_solo_run_to_within_rounding(dataset):
+    """Adam divides by sqrt(v), which XLA rounds differently in a batched kernel than alone: the
+    sweep is not bit-identical here (it is with sgd), but stays within the issue's bound."""
+    mc, tc = small_configs(dataset, optimizer="adam")
+    members = sweep.grid([0.01, 0.003], [SEED])
+    result = sweep.train_models(dataset.train.X, dataset.train.Y, mc, tc, members, sweep.make_mesh(1))
+    for k, m in enumerate(members):
+        solo_tc = dataclasses.replace(tc, learning_rate=m.learning_rate, seed=m.seed)
+        solo = train.train(dataset.train.X, dataset.train.Y, solo_tc, train.init_state(mc, solo_tc))
+        np.testing.assert_allclose(result.losses[k], solo.losses, rtol=0, atol=TOLERANCE)
+
+
 def test_a_diverging_model_leaves_the_others_unchanged(dataset):
     mc, tc = small_configs(dataset, steps=600, chunk_size=200)
     calm = sweep.train_models(dataset.train.X, dataset.train.Y, mc, tc, sweep.grid([0.1, 0.2], [SEED]),
@@ -69,6 +82,8 @@ def test_a_diverging_model_leaves_the_others_unchanged(dataset):
         {"learning_rate": 1e30, "seed": SEED, "loss": {"dev": None}, "diverged_at": 1},
     ]
     assert sweep.best_run(runs) == 0
+    nan_first = [{**runs[0], "learning_rate": 1e8, "loss": {"dev": float("nan")}}, runs[0]]
+    assert sweep.best_run(nan_first) == 1 and sweep.summary_by_rate(nan_first)[0]["dev_mean"] is None
     assert sweep.summary_by_rate(runs)[1] == {
         "learning_rate": 1e30, "seeds": 1, "diverged": 1, "dev_mean": None, "dev_std": None,
     }  # fmt: skip
@@ -136,6 +151,29 @@ def test_the_cli_writes_results_a_plot_and_the_best_model_as_a_run(sweep_script,
     assert code == 2 and "--overwrite" in err
 
 
+def test_a_model_whose_evaluation_overflows_counts_as_diverged(sweep_script, tmp_path, capsys):
+    """One step at lr 1e30: every training loss is finite (the first is computed before the update),
+    but the parameters it leaves overflow in evaluation. That model is diverged, not the best."""
+    args = ["--steps", "1", "--hidden", "16", "--lr", "1e30", "0.1", "--seeds", "1", "--no-plot"]
+    args += ["--out", str(tmp_path)]
+    code, out, _ = run_cli(sweep_script, args, capsys)
+    report = strict_json(tmp_path / "sweep.json")
+    assert code == 0 and [r["diverged_at"] for r in report["runs"]] == [1, None] and report["best"] == 1
+    assert report["summary"][0]["dev_mean"] is None and report["summary"][0]["diverged"] == 1
+
+
+def test_a_sweep_in_which_every_model_diverges_fails_and_leaves_no_stale_model(sweep_script, tmp_path, capsys):
+    ok = [*SMALL, "--lr", "0.1", "--seeds", "1", "--no-plot", "--out", str(tmp_path)]
+    assert run_cli(sweep_script, ok, capsys)[0] == 0 and (tmp_path / "checkpoint.npz").exists()
+    wild = [*SMALL, "--lr", "1e30", "--seeds", "2", "--overwrite", "--no-plot", "--out", str(tmp_path)]
+    code, out, _ = run_cli(sweep_script, wild, capsys)
+    assert code == 1 and "error: every model diverged" in out
+    assert not (tmp_path / "checkpoint.npz").exists() and not (tmp_path / "losses.f32").exists()
+    report = strict_json(tmp_path / "sweep.json")
+    assert report["best"] is None and [r["diverged_at"] for r in report["runs"]] == [1, 1]
+    assert report["model_steps_per_second"] == pytest.approx(2 / report["timing"]["train_seconds"])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -146,6 +184,9 @@ def test_the_cli_writes_results_a_plot_and_the_best_model_as_a_run(sweep_script,
         (["--seeds", "0"], "no seeds"),
         (["--devices", "64"], "this machine has"),
         (["--batch-size", "1"], "at least 2"),
+        (["--seed-list", "1", "2", "--seed", "5"], "with --seed-list, list every seed"),
+        (["--seeds", "3000000000"], "memory"),
+        (["--lr-range", "0.01", "1", "3000000000"], "memory"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_code_2(sweep_script, tmp_path, capsys, args, message):

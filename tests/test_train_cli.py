@@ -246,8 +246,8 @@ def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, 
 def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_path):
     """Two real processes sharing a new cache: the first fills it, the second finds every program there
     (no new entry appears); with --no-compile-cache nothing is written. The cache starts with an entry
-    a killed process left half-written (no -atime file), which stops JAX 0.10 from caching anything
-    more: the first run removes it and says so, and its training program is cached."""
+    a killed process left without its -atime file, which stops JAX 0.10 from caching anything more:
+    the first run gives it the oldest time and says so, and its training program is cached."""
     cache = tmp_path / "cache"
     env = {**os.environ, "JAXBIRDS_CACHE_DIR": str(cache)}
     args = [sys.executable, str(ROOT / "scripts" / "train.py"), "--steps", "200", *SMALL, "--no-plot"]
@@ -261,24 +261,25 @@ def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_p
     cache.mkdir()
     (cache / "jit_killed-0123abcd-cache").write_bytes(b"half a program")
     first_run = subprocess.run([*args, "--out", str(tmp_path / "first")], check=True, env=env, capture_output=True)
-    assert "removed 1 half-written program" in first_run.stderr.decode()
+    assert "1 program(s) in the cache" in first_run.stderr.decode()
     first = entries()
     assert any(name.startswith("jit_chunk") and name.endswith("-cache") for name in first)
-    assert not any(name.startswith("jit_killed") for name in first)
+    assert "jit_killed-0123abcd-cache" in first
     assert all(name.removesuffix("-cache") + "-atime" in first for name in first if name.endswith("-cache"))
     subprocess.run([*args, "--out", str(tmp_path / "second")], check=True, env=env, capture_output=True)
     assert entries() == first
 
 
-def test_cache_repair_removes_only_entries_without_their_access_time(tmp_path):
+def test_cache_repair_gives_entries_without_an_access_time_the_oldest_and_deletes_nothing(tmp_path):
     (tmp_path / "jit_whole-1-cache").write_bytes(b"program")
-    (tmp_path / "jit_whole-1-atime").write_bytes(b"\0" * 8)
+    (tmp_path / "jit_whole-1-atime").write_bytes((123).to_bytes(8, "little"))
     (tmp_path / "jit_orphan-2-cache").write_bytes(b"half")
-    (tmp_path / "jit_evicted-3-atime").write_bytes(b"\0" * 8)  # harmless: JAX only reads atimes of programs
     assert cli.repair_compile_cache(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "jit_evicted-3-atime", "jit_whole-1-atime", "jit_whole-1-cache",
+        "jit_orphan-2-atime", "jit_orphan-2-cache", "jit_whole-1-atime", "jit_whole-1-cache",
     ]  # fmt: skip
+    assert int.from_bytes((tmp_path / "jit_orphan-2-atime").read_bytes(), "little") == 0
+    assert int.from_bytes((tmp_path / "jit_whole-1-atime").read_bytes(), "little") == 123
     assert cli.repair_compile_cache(tmp_path) == 0
 
 
