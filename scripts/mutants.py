@@ -226,6 +226,13 @@ MUTANTS = [
         "= stops[0] - 1, jax.tree.map(",
         "a model trained alone in its group stops one step early",
     ),
+    Mutant(
+        "sweep-groups-interleaved",
+        "jaxbirds/sweep.py",
+        "grouped = jax.tree.map(lambda x: x.reshape(-1, size, *x.shape[1:]), per_model)",
+        "grouped = jax.tree.map(lambda x: x.reshape(size, -1, *x.shape[1:]).swapaxes(0, 1), per_model)",
+        "models are split into groups in one order and put back in another",
+    ),
 ]
 
 

@@ -17,7 +17,7 @@ from jaxbirds import checkpoint, model, sweep, train
 from jaxbirds.errors import ConfigError
 
 STEPS, CHUNK = 1000, 400  # the last chunk is cut short by its stop step
-RATES, SEED = (0.1, 0.2, 0.3), 3
+RATES, SEED = (0.1, 0.2, 0.3, 0.05), 3
 #: Model k of a sweep against its solo run, step by step. The two programs differ only in how XLA
 #: batches the arithmetic (another summation order is a rounding of ~1e-7 per operation), and SGD
 #: carries such differences along: 1e-4 over 1,000 steps is the issue's bound. Measured on the CPU
@@ -41,13 +41,14 @@ def solo_losses(dataset):
     return losses
 
 
-@pytest.mark.parametrize("group", [4, 2, 1], ids=["one vmapped group", "groups of 2 and 1", "one model at a time"])
+@pytest.mark.parametrize("group", [4, 2, 1], ids=["one vmapped group", "two groups of 2", "4 groups of 1"])
 def test_model_k_of_a_sweep_trains_like_its_solo_run(dataset, solo_losses, group):
-    """Groups of 3, then of 2 and 1 (lax.map over groups, the last one unbatched), then 1 by 1."""
+    """Four models: one group of 4; two vmapped groups of 2, one after the other (lax.map); four
+    groups of 1, each run unbatched."""
     mc, tc = small_configs(dataset)
     members = sweep.grid(RATES, [SEED])
     result = sweep.train_models(dataset.train.X, dataset.train.Y, mc, tc, members, sweep.make_mesh(1), group=group)
-    assert result.losses.shape == (3, STEPS) and result.step == STEPS and result.diverged_at == [None] * 3
+    assert result.losses.shape == (4, STEPS) and result.step == STEPS and result.diverged_at == [None] * 4
     for k, m in enumerate(members):
         np.testing.assert_allclose(result.losses[k], solo_losses[m.learning_rate], rtol=0, atol=TOLERANCE)
     # the saved optimiser state is the solo optimiser's: a sweep's model can continue as a solo run
@@ -203,7 +204,7 @@ import jax
 assert len(jax.devices()) == 2, jax.devices()
 ds = data.load_dataset(data.DEFAULT_DATA_PATH)
 mc = model.ModelConfig(vocab_size=ds.vocab.size, hidden=16)
-tc = train.TrainConfig(steps=500, chunk_size=250)
+tc = train.TrainConfig(steps=300, chunk_size=150)
 members = sweep.grid([0.1, 0.2], [1, 2])
 one, two = (sweep.train_models(ds.train.X, ds.train.Y, mc, tc, members, sweep.make_mesh(n)) for n in (1, 2))
 print(json.dumps({"max_difference": float(np.abs(one.losses - two.losses).max()), "steps": two.step}))
@@ -215,7 +216,7 @@ def test_the_same_sweep_on_one_and_on_two_host_devices_gives_the_same_losses(tmp
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     done = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 500 and result["max_difference"] <= TOLERANCE
+    assert result["steps"] == 300 and result["max_difference"] <= TOLERANCE
     # and on the command line: 3 models do not split over 2 devices
     script = [sys.executable, str(ROOT / "scripts" / "sweep.py"), *SMALL, "--lr", "0.1", "0.2", "0.3", "--seeds", "1"]
     refused = subprocess.run([*script, "--devices", "2", "--out", str(tmp_path)], env=env, capture_output=True,
