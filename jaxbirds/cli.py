@@ -222,15 +222,16 @@ def add_training_flags(
     parser: argparse.ArgumentParser,
     defaults: train.TrainConfig | None = None,
     skip: Sequence[str] = (),
+    resumable: bool = True,
 ) -> None:
     """The flags of :data:`TRAIN_FLAGS` and :data:`MODEL_FLAGS`, shared by ``scripts/train.py`` and
     ``scripts/sweep.py`` (which skips ``--lr`` and ``--seed``: it takes lists). Each defaults to
     None, so a caller can tell a flag given from one left out (:func:`given`); ``defaults`` are the
-    values the help names."""
+    values the help names; ``resumable`` runs save checkpoints and can be resumed."""
     defaults, shapes = defaults or train.TrainConfig(), model.ModelConfig()
     flags = {
-        "--steps": dict(type=positive_int, help=f"total SGD steps (default {defaults.steps:,}); with --resume, "
-                        "a new total to train up to"),
+        "--steps": dict(type=positive_int, help=f"total SGD steps (default {defaults.steps:,})"
+                        + ("; with --resume, a new total to train up to" if resumable else "")),
         "--batch-size": dict(type=batch_size, help=f"examples per step, at least 2 for batch norm (default "
                              f"{defaults.batch_size})"),
         "--hidden": dict(type=positive_int, help=f"hidden units (default {shapes.hidden})"),
@@ -246,7 +247,8 @@ def add_training_flags(
                        f"(default {defaults.grad_mode})"),
         "--seed": dict(type=seed, help=f"fixes initialisation, batches and samples (default {defaults.seed})"),
         "--chunk": dict(type=positive_int, help=f"steps per compiled call (default {defaults.chunk_size:,}); "
-                        "progress and checkpoints happen between chunks"),
+                        + ("progress and checkpoints happen" if resumable else "progress and Ctrl-C happen")
+                        + " between chunks"),
     }  # fmt: skip
     for flag, options in flags.items():
         if flag not in skip:

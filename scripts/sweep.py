@@ -51,7 +51,7 @@ def parse_args(argv):
     )  # fmt: skip
     seeds.add_argument("--seed-list", type=cli.seed, nargs="+", metavar="SEED", help="the seeds, listed")
     p.add_argument("--seed", type=cli.seed, help=f"the first of --seeds N (default {DEFAULTS.seed})")
-    cli.add_training_flags(p, DEFAULTS, skip=("--lr", "--seed"))
+    cli.add_training_flags(p, DEFAULTS, skip=("--lr", "--seed"), resumable=False)
     p.add_argument("--devices", type=cli.positive_int, help="devices to split the models over (default: see above)")
     p.add_argument("--data", type=Path, help="bird names, one per line (default: the shipped file)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory (default runs/sweep)")
