@@ -112,10 +112,10 @@ def enable_compile_cache(directory: Path) -> Path | None:
     except OSError as err:
         print(f"warning: no compilation cache ({directory}: {err.strerror or err})", file=sys.stderr)
         return None
-    repaired = repair_compile_cache(directory)
-    if repaired:
-        print(f"note: {repaired} program(s) in the cache {directory} had no last-use time; now the oldest",
-              file=sys.stderr)  # fmt: skip
+    timed, removed = repair_compile_cache(directory)
+    if timed or removed:
+        print(f"note: of the programs in the cache {directory} without a last-use time, {timed} now have the "
+              f"oldest and {removed} that could not be read were removed", file=sys.stderr)  # fmt: skip
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -123,31 +123,52 @@ def enable_compile_cache(directory: Path) -> Path | None:
     return directory
 
 
-def repair_compile_cache(directory: Path) -> int:
-    """Give every cached program without a last-use time the oldest one; returns how many.
+def repair_compile_cache(directory: Path) -> tuple[int, int]:
+    """Repair the programs in the cache that have no last-use time; returns ``(timed, removed)``.
 
-    JAX keeps a compiled program as two files, ``KEY-cache`` (the program) and
-    ``KEY-atime`` (its last use, for evicting the least recently used), written
-    one after the other under the cache's lock file. A process killed between
-    the two writes leaves a ``KEY-cache`` alone (and so does JAX with no size
-    limit, which writes no times at all). JAX 0.10's eviction then fails on it
+    JAX keeps a compiled program as two files, ``KEY-cache`` (the program,
+    compressed) and ``KEY-atime`` (its last use, for evicting the least
+    recently used), written one after the other under the cache's lock file.
+    A ``KEY-cache`` alone is left by a process killed between the two writes,
+    or during the first (then it is truncated), and by JAX with no size limit,
+    which writes no times at all. JAX 0.10's eviction fails on such an entry
     before every later write, with a warning, so no new program is ever cached
     again and every run compiles from scratch (jax-ml/jax#39880, fixed upstream
-    after 0.10.2, the same way: a missing time counts as the oldest). Nothing
-    is deleted: such an entry is simply the first to go when the cache is full.
+    after 0.10.2). A complete entry is given the oldest time, as upstream does:
+    it is the first to go when the cache is full. One that cannot be
+    decompressed is deleted: kept, JAX would fail to read it, recompile, and
+    never write it again, on every run.
     """
+    timed = removed = 0
     try:
         with filelock.FileLock(directory / ".lockfile", timeout=10):
-            repaired = 0
             for entry in directory.glob("*-cache"):
                 atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
-                if not atime.exists():
+                if atime.exists():
+                    continue
+                if _decompresses(entry):
                     atime.write_bytes((0).to_bytes(8, "little"))
-                    repaired += 1
+                    timed += 1
+                else:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
     except (OSError, filelock.Timeout) as err:
         print(f"warning: could not check the compilation cache {directory}: {err}", file=sys.stderr)
-        return 0
-    return repaired
+    return timed, removed
+
+
+def _decompresses(entry: Path) -> bool:
+    """Whether JAX can decompress a cache entry (with JAX's own function: a private one, so a JAX
+    without it means the entry is kept)."""
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:
+        return True
+    try:
+        decompress_executable(entry.read_bytes())
+    except Exception:  # zlib.error, zstandard.ZstdError, ...: whatever a truncated stream raises
+        return False
+    return True
 
 
 def positive_int(text: str) -> int:

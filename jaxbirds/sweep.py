@@ -213,10 +213,10 @@ class SweepResult(NamedTuple):
     opt_states: optax.OptState  # stacked, host copies (inject_hyperparams states)
     losses: np.ndarray  # (models, steps run): every step's loss; NaN after a model's divergence
     diverged_at: list[int | None]
-    step: int  # steps run by every model that did not diverge
+    step: int  # steps run by every model that did not diverge (fewer than asked if all diverged or stopped)
     compile_seconds: float
     train_seconds: float
-    stopped: bool
+    stopped: bool  # stopped early on request (Ctrl-C)
     model_steps: int  # steps trained, summed over the models (a diverged model's up to its first bad loss)
 
 
@@ -257,7 +257,7 @@ def train_models(
 
     losses = np.full((count, tc.steps), np.nan, np.float32)
     diverged_at: list[int | None] = [None] * count
-    step, train_seconds, model_steps = 0, 0.0, 0
+    step, train_seconds, model_steps, stopped = 0, 0.0, 0, False
     while step < tc.steps:
         end = min(step + length, tc.steps)
         # A diverged model's stop lies behind it: it stays as it is, and its losses are ignored.
@@ -286,12 +286,15 @@ def train_models(
             rate = model_steps / train_seconds if train_seconds > 0 else float("inf")
             eta = alive * (tc.steps - step) / rate if rate > 0 else float("nan")
             on_chunk(Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive))
+        if all(d is not None for d in diverged_at):
+            break  # nothing is left to train
         if should_stop():
+            stopped = True
             break
     host_params, host_states = jax.tree.map(to_host, (params, opt_states))
     return SweepResult(
         host_params, host_states, losses[:, :step], diverged_at, step, compile_seconds, train_seconds,
-        step < tc.steps, model_steps,
+        stopped, model_steps,
     )  # fmt: skip
 
 
@@ -321,10 +324,13 @@ def evaluate_member(params: model.Params, splits: dict) -> Evaluation:
     return Evaluation(stats, {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in splits.items()})
 
 
+def _is_finite(loss: float | None) -> bool:
+    return loss is not None and math.isfinite(loss)
+
+
 def _finished(run: dict) -> bool:
     """A run that did not diverge and has a finite dev loss."""
-    dev = run["loss"]["dev"]
-    return run["diverged_at"] is None and dev is not None and math.isfinite(dev)
+    return run["diverged_at"] is None and _is_finite(run["loss"]["dev"])
 
 
 def summary_by_rate(runs: Sequence[dict]) -> list[dict]:
@@ -345,6 +351,11 @@ def summary_by_rate(runs: Sequence[dict]) -> list[dict]:
 
 
 def best_run(runs: Sequence[dict]) -> int | None:
-    """The index of the run with the lowest dev loss among those that did not diverge (None if none)."""
-    finished = [i for i, run in enumerate(runs) if _finished(run)]
-    return min(finished, key=lambda i: runs[i]["loss"]["dev"]) if finished else None
+    """The run with the lowest dev loss among those that did not diverge, or the lowest train loss
+    when there is no dev split; None if every run diverged."""
+    trained = [i for i, run in enumerate(runs) if run["diverged_at"] is None]
+    for split in ("dev", "train"):
+        scored = [i for i in trained if _is_finite(runs[i]["loss"].get(split))]
+        if scored:
+            return min(scored, key=lambda i: runs[i]["loss"][split])
+    return None

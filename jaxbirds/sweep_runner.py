@@ -52,7 +52,8 @@ class SweepOptions:
 
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse to replace a saved sweep or run unless asked to; check every file can be written."""
-    saved = [Path(out) / name for name in (SWEEP_JSON, runner.CHECKPOINT) if (Path(out) / name).exists()]
+    written = (SWEEP_JSON, runner.CHECKPOINT, checkpoint.LOSS_LOG, SWEEP_PLOT, runner.METRICS, runner.LOSS_PLOT)
+    saved = [Path(out) / name for name in written if (Path(out) / name).exists()]
     if saved and not overwrite:
         raise OutputError(
             f"{out} already holds results ({saved[0]}); pass --overwrite to replace them, or another --out"
@@ -89,8 +90,9 @@ def run(
         if progress.step >= next_log[0] or progress.step == progress.total:
             next_log[0] = (progress.step // options.log_every + 1) * options.log_every
             diverged = f"  ({progress.diverged} diverged)" if progress.diverged else ""
+            best = f"{progress.best_recent_loss:.4f}" if math.isfinite(progress.best_recent_loss) else "-"
             say(
-                f"step {progress.step:>9,}/{progress.total:,}  best loss {progress.best_recent_loss:.4f}  "
+                f"step {progress.step:>9,}/{progress.total:,}  best loss {best}  "
                 f"{progress.model_steps_per_second:>8,.0f} model-steps/s  "
                 f"ETA {runner.format_seconds(progress.eta_seconds)}{diverged}"
             )
@@ -164,7 +166,8 @@ def run(
         say(f"interrupted at step {result.step:,}: the results above are for the steps trained so far")
         return runner.INTERRUPTED
     if best is None:
-        say("error: every model diverged, so no model was saved; try lower learning rates (--lr, --lr-range)")
+        say("error: every model diverged, so no model was saved (sweep.json says where each one did); "
+            "try lower learning rates (--lr, --lr-range)")  # fmt: skip
         return runner.DIVERGED
     return runner.OK
 

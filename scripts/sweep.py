@@ -99,8 +99,14 @@ def seeds(args) -> list[int]:
 
 
 def rate_count(args) -> int:
-    counts = len(args.lr or []) + (int(args.lr_range[2]) if args.lr_range and args.lr_range[2].isdigit() else 0)
-    return counts if args.lr or args.lr_range else DEFAULT_RATES[2]
+    """How many learning rates the flags ask for, before any list of them is built."""
+    if not (args.lr or args.lr_range):
+        return DEFAULT_RATES[2]
+    try:
+        in_range = max(int(args.lr_range[2]), 0) if args.lr_range else 0
+    except ValueError:  # learning_rates() says what is wrong with it
+        in_range = 0
+    return len(args.lr or []) + in_range
 
 
 def main(argv=None) -> int:

@@ -248,6 +248,8 @@ def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_p
     (no new entry appears); with --no-compile-cache nothing is written. The cache starts with an entry
     a killed process left without its -atime file, which stops JAX 0.10 from caching anything more:
     the first run gives it the oldest time and says so, and its training program is cached."""
+    from jax._src.compilation_cache import compress_executable
+
     cache = tmp_path / "cache"
     env = {**os.environ, "JAXBIRDS_CACHE_DIR": str(cache)}
     args = [sys.executable, str(ROOT / "scripts" / "train.py"), "--steps", "200", *SMALL, "--no-plot"]
@@ -259,9 +261,9 @@ def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_p
                    capture_output=True)  # fmt: skip
     assert entries() == []
     cache.mkdir()
-    (cache / "jit_killed-0123abcd-cache").write_bytes(b"half a program")
+    (cache / "jit_killed-0123abcd-cache").write_bytes(compress_executable(b"a compiled program"))
     first_run = subprocess.run([*args, "--out", str(tmp_path / "first")], check=True, env=env, capture_output=True)
-    assert "1 program(s) in the cache" in first_run.stderr.decode()
+    assert "1 now have the oldest" in first_run.stderr.decode()
     first = entries()
     assert any(name.startswith("jit_chunk") and name.endswith("-cache") for name in first)
     assert "jit_killed-0123abcd-cache" in first
@@ -270,17 +272,23 @@ def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_p
     assert entries() == first
 
 
-def test_cache_repair_gives_entries_without_an_access_time_the_oldest_and_deletes_nothing(tmp_path):
-    (tmp_path / "jit_whole-1-cache").write_bytes(b"program")
+def test_cache_repair_times_complete_entries_and_removes_only_unreadable_ones(tmp_path):
+    """A complete program without its -atime gets the oldest time; a truncated one (a process killed
+    while writing it) is removed; an entry with its time is left alone."""
+    from jax._src.compilation_cache import compress_executable
+
+    program = compress_executable(b"a compiled program" * 100)
+    (tmp_path / "jit_whole-1-cache").write_bytes(program)
     (tmp_path / "jit_whole-1-atime").write_bytes((123).to_bytes(8, "little"))
-    (tmp_path / "jit_orphan-2-cache").write_bytes(b"half")
-    assert cli.repair_compile_cache(tmp_path) == 1
+    (tmp_path / "jit_orphan-2-cache").write_bytes(program)
+    (tmp_path / "jit_truncated-3-cache").write_bytes(program[: len(program) // 2])
+    assert cli.repair_compile_cache(tmp_path) == (1, 1)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "jit_orphan-2-atime", "jit_orphan-2-cache", "jit_whole-1-atime", "jit_whole-1-cache",
     ]  # fmt: skip
     assert int.from_bytes((tmp_path / "jit_orphan-2-atime").read_bytes(), "little") == 0
     assert int.from_bytes((tmp_path / "jit_whole-1-atime").read_bytes(), "little") == 123
-    assert cli.repair_compile_cache(tmp_path) == 0
+    assert cli.repair_compile_cache(tmp_path) == (0, 0)
 
 
 def test_the_warm_up_leaves_every_program_of_the_end_of_a_run_compiled(dataset, tmp_path, caplog):
