@@ -110,20 +110,29 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
 
     Drawn without pyplot (see :func:`_figure`), so it may run on a background thread.
     """
-    log_loss = np.log10(np.asarray(losses, dtype=np.float64))
-    usable = len(log_loss) // window * window
     fig = _figure((8, 4.5))
     ax = fig.subplots()
-    if usable:
-        means = log_loss[:usable].reshape(-1, window).mean(axis=1)
-        ax.plot(np.arange(len(means)) * window + window / 2, means)
+    if len(losses) >= window:
+        ax.plot(*_window_means(losses, window))
         ax.set_xlabel(f"step (mean over windows of {window:,})")
     else:
-        ax.plot(log_loss)
+        ax.plot(np.log10(np.asarray(losses, dtype=np.float64)))
         ax.set_xlabel("step")
     ax.set_ylabel("log10(loss)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _write(fig, path)
+
+
+def _window_means(losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """The window centres and the mean of log10(loss) over each whole window of ``window`` steps."""
+    log_loss = np.log10(np.asarray(losses, dtype=np.float64))
+    means = log_loss[: len(log_loss) // window * window].reshape(-1, window).mean(axis=1)
+    return np.arange(len(means)) * window + window / 2, means
+
+
+def _write(fig, path: Path) -> Path:
+    """Save a figure of the object-oriented API (see :func:`_figure`) as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -155,12 +164,9 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     left.legend()
     left.grid(alpha=0.3)
     for run, history in zip(runs, losses, strict=True):
-        finite = history[np.isfinite(history)]
-        usable = len(finite) // window * window
-        if usable:
-            means = np.log10(finite[:usable].astype(np.float64)).reshape(-1, window).mean(axis=1)
-            right.plot(np.arange(len(means)) * window + window / 2, means, color=colours[run["learning_rate"]],
-                       alpha=0.5, linewidth=0.8)  # fmt: skip
+        finite = history[np.isfinite(history)]  # a diverged model's curve ends where it diverged
+        if len(finite) >= window:
+            right.plot(*_window_means(finite, window), color=colours[run["learning_rate"]], alpha=0.5, linewidth=0.8)
     for lr in rates:
         right.plot([], [], color=colours[lr], label=f"lr {lr:g}")
     right.set_xlabel(f"step (mean over windows of {window:,})")
@@ -168,18 +174,12 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     right.set_title("training loss of every model")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _write(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """Save a pyplot figure as a PNG and close it."""
+    path = _write(fig, path)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

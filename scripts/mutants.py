@@ -215,8 +215,8 @@ MUTANTS = [
     Mutant(
         "sweep-best-is-worst",
         "jaxbirds/sweep.py",
-        'return min(finished, key=lambda i: runs[i]["loss"]["dev"])',
-        'return max(finished, key=lambda i: runs[i]["loss"]["dev"])',
+        'return min(scored, key=lambda i: runs[i]["loss"][split])',
+        'return max(scored, key=lambda i: runs[i]["loss"][split])',
         "the model saved as the best has the highest dev loss",
     ),
     Mutant(
@@ -232,6 +232,34 @@ MUTANTS = [
         "grouped = jax.tree.map(lambda x: x.reshape(-1, size, *x.shape[1:]), per_model)",
         "grouped = jax.tree.map(lambda x: x.reshape(size, -1, *x.shape[1:]).swapaxes(0, 1), per_model)",
         "models are split into groups in one order and put back in another",
+    ),
+    Mutant(
+        "cache-repair-off",
+        "jaxbirds/cli.py",
+        "timed, removed = repair_compile_cache(directory)",
+        "timed, removed = 0, 0",
+        "a cache entry without its last-use time stops JAX from caching any new program",
+    ),
+    Mutant(
+        "cache-keeps-truncated",
+        "jaxbirds/cli.py",
+        "        decompress_executable(entry.read_bytes())\n",
+        "        entry.read_bytes()\n",
+        "a truncated cache entry is kept, to fail and be recompiled on every run",
+    ),
+    Mutant(
+        "warm-up-other-sample-count",
+        "jaxbirds/runner.py",
+        "sample.sample_names(train.keys_for(0).sample, stand_in, stats, dataset.vocab, context_size, options.samples)",
+        "sample.sample_names(train.keys_for(0).sample, stand_in, stats, dataset.vocab, context_size, 1)",
+        "the warm-up compiles a sampling program the run does not use",
+    ),
+    Mutant(
+        "init-op-by-op",
+        "jaxbirds/model.py",
+        '@functools.partial(jax.jit, static_argnames=("config", "dtype"))\ndef init_params(',
+        "def init_params(",
+        "parameters are initialised op by op, rounding bngain differently from a sweep's compiled init",
     ),
 ]
 
