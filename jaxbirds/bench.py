@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbirds import manual, model, sweep, train
+from jaxbirds import cli, manual, model, sweep, train
 from jaxbirds.data import Dataset
 from jaxbirds.model import ModelConfig
 from jaxbirds.train import TrainConfig
@@ -699,7 +699,9 @@ def startup_study(b: Bench) -> tuple[list[Row], str | None]:
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         for i, run in enumerate(("first (empty cache)", "second (warm cache)")):
             args = [sys.executable, str(TRAIN_SCRIPT), "--steps", str(b.config.startup_steps), "--out", f"{out}/{i}"]
-            env = {**os.environ, "JAXBIRDS_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
+            # as a user starts it: without the host devices bench.py itself asked for (cli.split_host_into_devices)
+            flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(cli.HOST_DEVICES_FLAG)]
+            env = {**os.environ, "JAXBIRDS_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": " ".join(flags)}
             t0 = time.perf_counter()
             subprocess.run(args, check=True, capture_output=True, env=env)
             wall = time.perf_counter() - t0
