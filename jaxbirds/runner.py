@@ -33,14 +33,13 @@ from typing import TextIO
 import jax
 import numpy as np
 
-from jaxbirds import checkpoint, evaluate, model, plots, sample, train
+from jaxbirds import checkpoint, divergence, evaluate, model, outputs, plots, sample, train
 from jaxbirds.checkpoint import Checkpoint, LossLog
 from jaxbirds.data import Dataset
 from jaxbirds.errors import OutputError
 
-CHECKPOINT = "checkpoint.npz"
-METRICS = "metrics.json"
-LOSS_PLOT = "loss.png"
+CHECKPOINT, METRICS, LOSS_PLOT = outputs.CHECKPOINT, outputs.METRICS, outputs.LOSS_PLOT
+check_writable_dir, check_writable_file = outputs.check_writable_dir, outputs.check_writable_file
 
 # Exit codes of a run (the CLI returns them).
 OK, DIVERGED, INTERRUPTED = 0, 1, 130
@@ -61,52 +60,15 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def check_writable_dir(path: Path) -> Path:
-    """Create ``path`` if needed and prove a file can be written in it; :class:`OutputError` otherwise.
-
-    Called before any work starts, so a typo in an output path costs nothing.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"cannot write into {path}: {err.strerror or err}") from None
-    return path
-
-
-def check_writable_file(path: Path) -> Path:
-    """Like :func:`check_writable_dir` for a file to be written later: its directory must
-    take a file, and the path itself must not be a directory."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory; give a file name")
-    check_writable_dir(path.parent)
-    return path
-
-
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over a saved one unless asked to; check ``out`` and the files
-    a run writes into it can be written."""
-    saved = Path(out) / CHECKPOINT
-    if not resume and saved.exists() and not overwrite:
-        raise OutputError(
-            f"{out} already holds a saved run ({saved}); pass --resume to continue it, "
-            "--overwrite to replace it, or another --out"
-        )
-    check_writable_dir(out)
-    for name in (CHECKPOINT, checkpoint.LOSS_LOG, METRICS, LOSS_PLOT):
-        if (Path(out) / name).is_dir():
-            raise OutputError(f"{Path(out) / name} is a directory; a run writes a file there")
+    """Refuse to start a new run over saved results unless asked to; check that ``out`` and every file a
+    run may write or remove there can be written (:func:`jaxbirds.outputs.prepare`). Creates nothing."""
+    outputs.prepare(out, outputs.ALL_FILES, "a saved run", resume=resume, overwrite=overwrite)
 
 
 def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: RunOptions, say) -> int:
     """Save the last state whose loss is finite (log first, then checkpoint) and say what to do."""
-    ckpt_path, out = options.out / CHECKPOINT, shlex.quote(str(options.out))
+    ckpt_path, out = outputs.make_dir(options.out) / CHECKPOINT, shlex.quote(str(options.out))
     good = result.state
     logged = writer.steps_logged
     if not writer.started:
@@ -128,6 +90,66 @@ def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: Run
             f"  python scripts/train.py --resume --out {out} --lr {lr / 10:g}"
         )
     return DIVERGED
+
+
+def _diverged_in_evaluation(problem: str, result, start: Checkpoint, options: RunOptions, plot, helper, say) -> int:
+    """Training kept finite losses, but the trained model's evaluation overflows: the run has diverged.
+
+    The checkpoint the writer saved after the last chunk stays (without statistics), so nothing is lost,
+    but no metrics are written and no names are sampled: there is no result to report. The loss curve,
+    which shows how the loss grew, is still drawn.
+    """
+    if plot is not None:
+        say(f"wrote {plot.result()}")
+    helper.shutdown()
+    last = result.losses[-1] if len(result.losses) else float("nan")
+    lr, out = start.train_config.learning_rate, shlex.quote(str(options.out))
+    say(
+        f"error: the model diverged: training kept finite losses (the last one {last:.3g}), but {problem}, so "
+        f"it has no loss to report. Its state at step {result.state.step:,} is kept in {options.out / CHECKPOINT}, "
+        f"but cannot be continued usefully. Start again with a lower learning rate:\n"
+        f"  python scripts/train.py --overwrite --out {out} --lr {lr / 10:g}"
+    )
+    return DIVERGED
+
+
+#: Seconds between two progress lines of a long phase after training (a shorter phase prints none).
+PROGRESS_EVERY = 2.0
+
+
+def progress_line(say, label: str) -> evaluate.Progress:
+    """``progress(done, total)`` that says how far a phase is, every :data:`PROGRESS_EVERY` seconds of a long
+    phase and never in a short one (:func:`jaxbirds.evaluate.throttled`)."""
+    t0 = time.perf_counter()
+
+    def line(done: int, total: int) -> None:
+        elapsed = format_seconds(time.perf_counter() - t0)
+        say(f"{label}: {done / total:.0%} done after {elapsed}")
+
+    return evaluate.throttled(line, PROGRESS_EVERY)
+
+
+def evaluate_splits(params, dataset: Dataset, should_stop: Callable[[], bool], say):
+    """Calibrate batch norm on the training split, then the loss of every split; ``(stats, losses, problem)``.
+
+    ``problem`` is why the evaluation is no result (:func:`jaxbirds.divergence.evaluation_problem`), or None.
+    Losses are not computed when the statistics already say the model diverged. Long phases print their
+    progress; ``should_stop`` is polled between batches (:class:`jaxbirds.evaluate.Stopped` is raised).
+    """
+    stats = evaluate.calibrate(
+        params, dataset.train.X, progress=progress_line(say, "calibrating batch norm"), should_stop=should_stop
+    )
+    problem = divergence.statistics_problem(stats)
+    if problem is not None:
+        return stats, {name: None for name in dataset.splits}, problem
+    split_losses = {
+        name: evaluate.split_loss(
+            params, stats, s.X, s.Y, progress=progress_line(say, f"evaluating the {name} split"),
+            should_stop=should_stop,
+        )
+        for name, s in dataset.splits.items()
+    }  # fmt: skip
+    return stats, split_losses, divergence.loss_problem(split_losses)
 
 
 def _warm_up(stand_in: model.Params, dataset: Dataset, context_size: int, options: RunOptions) -> None:
@@ -201,8 +223,8 @@ def run(
 
     def on_chunk(progress: train.Progress, state: train.TrainState, chunk_losses: np.ndarray) -> None:
         if not writer.started:  # the results of a run this one replaces no longer describe --out
-            for stale in (METRICS, LOSS_PLOT):
-                (options.out / stale).unlink(missing_ok=True)
+            outputs.make_dir(options.out)
+            outputs.remove_stale(options.out, keep=(CHECKPOINT, checkpoint.LOSS_LOG))
         try:
             writer.submit(start._replace(state=state, stats=None), chunk_losses)
         except OSError as err:
@@ -258,9 +280,18 @@ def run(
         plot = helper.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
     params = result.state.params
     t0 = time.perf_counter()
-    stats = evaluate.calibrate(params, dataset.train.X)
-    split_losses = {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in dataset.splits.items()}
+    try:
+        stats, split_losses, problem = evaluate_splits(params, dataset, should_stop, say)
+    except evaluate.Stopped:
+        helper.shutdown(wait=False, cancel_futures=True)
+        say(
+            f"interrupted during evaluation, after step {result.state.step:,}: the trained state is saved in "
+            f"{ckpt_path}; evaluate it with python scripts/train.py --resume --out {shlex.quote(str(options.out))}"
+        )
+        return INTERRUPTED
     phases["calibration and evaluation"] = time.perf_counter() - t0
+    if problem is not None:
+        return _diverged_in_evaluation(problem, result, start, options, plot, helper, say)
     t0 = time.perf_counter()
     final = start._replace(state=jax.device_get(result.state), stats=stats)
     checkpoint.save(ckpt_path, final)
@@ -280,7 +311,7 @@ def run(
         names, memorised = samples.names, samples.memorised_share(dataset.train.names)
         say(f"samples ({memorised:.0%} are names from the training split):")
         for name, finished in zip(samples.names, samples.finished, strict=True):
-            say(f"  {name}" + ("" if finished else " ..."))
+            say(f"  {sample.shown(name, finished)}")
     phases["sampling"] = time.perf_counter() - t0
 
     metrics = {

@@ -69,6 +69,15 @@ class Samples(NamedTuple):
         return sum(name in known for name in finished) / len(finished) if finished else 0.0
 
 
+#: How an empty name (the end token drawn first) is shown: a blank line would look like nothing printed.
+EMPTY_NAME = "(empty: the end token came first)"
+
+
+def shown(name: str, finished: bool) -> str:
+    """A sampled name as printed: an empty one visibly, one cut at ``max_length`` with a trailing ``...``."""
+    return (name or EMPTY_NAME) + ("" if finished else " ...")
+
+
 def decode(ids: np.ndarray, vocab: Vocabulary) -> Samples:
     """Cut each row at its first end token and turn ids into characters."""
     names, finished = [], []

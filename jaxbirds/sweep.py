@@ -36,7 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbirds import evaluate, memory, model, train
+from jaxbirds import divergence, evaluate, memory, model, train
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig
 from jaxbirds.train import TrainConfig
@@ -272,11 +272,11 @@ def train_models(
         for k in range(count):
             if diverged_at[k] is not None:
                 continue
-            bad = np.flatnonzero(~np.isfinite(chunk_losses[k]))
-            stop_k = end if not bad.size else step + int(bad[0])
+            bad = divergence.first_bad_step(chunk_losses[k])
+            stop_k = end if bad is None else step + bad
             losses[k, step:stop_k] = chunk_losses[k, : stop_k - step]
             model_steps += stop_k - step
-            if bad.size:
+            if bad is not None:
                 diverged_at[k] = stop_k
             else:
                 recent.append(float(chunk_losses[k].mean()))

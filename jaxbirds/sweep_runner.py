@@ -30,16 +30,14 @@ from typing import TextIO
 
 import jax
 
-from jaxbirds import checkpoint, plots, runner, sweep, train
+from jaxbirds import checkpoint, divergence, outputs, plots, runner, sweep, train
 from jaxbirds.checkpoint import Checkpoint, DataSource, LossLog
 from jaxbirds.data import Dataset
-from jaxbirds.errors import OutputError
 from jaxbirds.model import ModelConfig
 from jaxbirds.sweep import Member
 from jaxbirds.train import TrainConfig
 
-SWEEP_JSON = "sweep.json"
-SWEEP_PLOT = "sweep.png"
+SWEEP_JSON, SWEEP_PLOT = outputs.SWEEP_JSON, outputs.SWEEP_PLOT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +49,9 @@ class SweepOptions:
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a saved sweep or run unless asked to; check every file can be written."""
-    written = (SWEEP_JSON, runner.CHECKPOINT, checkpoint.LOSS_LOG, SWEEP_PLOT, runner.METRICS, runner.LOSS_PLOT)
-    saved = [Path(out) / name for name in written if (Path(out) / name).exists()]
-    if saved and not overwrite:
-        raise OutputError(
-            f"{out} already holds results ({saved[0]}); pass --overwrite to replace them, or another --out"
-        )
-    runner.check_writable_dir(out)
-    for name in (SWEEP_JSON, SWEEP_PLOT, runner.CHECKPOINT, checkpoint.LOSS_LOG):
-        if (Path(out) / name).is_dir():
-            raise OutputError(f"{Path(out) / name} is a directory; a sweep writes a file there")
+    """Refuse to replace saved results (a sweep's or a run's) unless asked to; check that every file a sweep
+    may write or remove can be written (:func:`jaxbirds.outputs.prepare`). Creates nothing."""
+    outputs.prepare(out, outputs.ALL_FILES, "results", overwrite=overwrite)
 
 
 def run(
@@ -100,9 +90,6 @@ def run(
     result = sweep.train_models(
         dataset.train.X, dataset.train.Y, model_config, train_config, members, mesh, on_chunk, should_stop
     )
-    if jax.process_index() == 0:  # trained: what a run there before wrote no longer describes --out
-        for stale in (SWEEP_JSON, SWEEP_PLOT, runner.CHECKPOINT, checkpoint.LOSS_LOG, runner.METRICS, runner.LOSS_PLOT):
-            (options.out / stale).unlink(missing_ok=True)
     rate = result.model_steps / result.train_seconds if result.train_seconds > 0 else float("nan")
     say(
         f"trained {len(members)} models × {result.step:,} steps in {result.train_seconds:.1f} s "
@@ -115,7 +102,7 @@ def run(
         evaluation, diverged_at = None, result.diverged_at[k]
         if diverged_at is None:
             evaluation = sweep.evaluate_member(sweep.member(result.params, k), dataset.splits)
-            if not all(loss is None or math.isfinite(loss) for loss in evaluation.loss.values()):
+            if divergence.evaluation_problem(evaluation.stats, evaluation.loss) is not None:
                 evaluation, diverged_at = None, result.step  # trained to parameters that overflow in evaluation
         evaluations.append(evaluation)
         losses = evaluation.loss if evaluation else {name: None for name in dataset.splits}
@@ -128,6 +115,9 @@ def run(
 
     if jax.process_index() != 0:
         return runner.INTERRUPTED if result.stopped else runner.OK
+    # Evaluated: what a run there before wrote no longer describes --out (and --overwrite was given).
+    outputs.make_dir(options.out)
+    outputs.remove_stale(options.out)
     if best is not None:
         _save_best(result, best, members[best], evaluations[best], dataset, model_config, train_config, options)
         say(f"saved the best model (lr {members[best].learning_rate:g}, seed {members[best].seed}) as "

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbirds import manual, memory, model
+from jaxbirds import divergence, manual, memory, model
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig, Params
 from jaxbirds.ops import check_batch_size
@@ -367,10 +367,10 @@ def train(
         chunk_losses = np.asarray(chunk_losses)[: stop - step]  # waits for the chunk: the one host sync per chunk
         train_seconds += time.perf_counter() - t0
 
-        bad = np.flatnonzero(~np.isfinite(chunk_losses))
-        if bad.size:
-            diverged_at = step + int(bad[0])
-            losses.append(chunk_losses[: bad[0]])
+        bad = divergence.first_bad_step(chunk_losses)
+        if bad is not None:
+            diverged_at = step + bad
+            losses.append(chunk_losses[:bad])
             # loss[t] is the loss of the state after t steps: the state after diverged_at - 1 steps
             # is the last with a finite loss of its own (none if the call's very first loss is bad).
             last_finite = diverged_at - 1

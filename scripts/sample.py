@@ -7,7 +7,8 @@ from pathlib import Path
 
 import jax
 
-from jaxbirds import checkpoint, cli, data, evaluate, runner, sample
+from jaxbirds import checkpoint, cli, data, divergence, evaluate, runner, sample
+from jaxbirds.errors import ConfigError
 
 
 def parse_args(argv):
@@ -47,13 +48,16 @@ def main(argv=None) -> int:
     sample.check_fits(ckpt.state.params, args.count, args.max_length, ckpt.model_config.context_size)
     if stats is None:  # a run interrupted before calibration: calibrate now
         stats = evaluate.calibrate(ckpt.state.params, dataset.train.X)
+    problem = divergence.statistics_problem(stats)
+    if problem is not None:
+        raise ConfigError(f"the model in {args.checkpoint} has diverged ({problem}): it has no names to give")
     samples = sample.sample_names(
         jax.random.key(args.seed), ckpt.state.params, stats, ckpt.vocab, ckpt.model_config.context_size,
         count=args.count, temperature=args.temperature, max_length=args.max_length,
     )  # fmt: skip
     known = set(dataset.train.names)
     for name, finished in zip(samples.names, samples.finished, strict=True):
-        print(name + ("  (from the training split)" if name in known else "") + ("" if finished else " ..."))
+        print(sample.shown(name, finished) + ("  (from the training split)" if name in known else ""))
     print(
         f"\n{samples.memorised_share(known):.0%} of finished names are in the training split "
         f"(checkpoint at step {ckpt.state.step:,}, temperature {args.temperature:g})"

@@ -303,3 +303,28 @@ def test_the_warm_up_leaves_every_program_of_the_end_of_a_run_compiled(dataset, 
         evaluate.split_loss(params, stats, dataset.dev.X, dataset.dev.Y)
         sample.sample_names(train.keys_for(3).sample, params, stats, dataset.vocab, config.context_size, count=5)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")] == []
+
+
+def small_start(dataset, steps=300):
+    mc = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=16)
+    tc = train.TrainConfig(steps=steps, chunk_size=steps)
+    return checkpoint.Checkpoint(train.init_state(mc, tc), None, dataset.vocab, mc, tc)
+
+
+def test_long_evaluation_phases_print_progress(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.0)  # every batch counts as long
+    options = runner.RunOptions(out=tmp_path, samples=0, plot=False)
+    assert runner.run(dataset, small_start(dataset), options, log=sys.stdout) == runner.OK
+    out = capsys.readouterr().out
+    assert "calibrating batch norm: " in out and "evaluating the dev split: " in out and "% done after" in out
+
+
+def test_a_stop_during_evaluation_ends_the_run_at_once_with_the_state_saved(dataset, tmp_path, capsys):
+    """The stop request (Ctrl-C, SIGTERM) comes after the last chunk: training is complete, and the
+    evaluation, polled between batches, ends at once with exit 130 instead of running to its end."""
+    options = runner.RunOptions(out=tmp_path, samples=3, plot=True)
+    code = runner.run(dataset, small_start(dataset), options, should_stop=lambda: True, log=sys.stdout)
+    out = capsys.readouterr().out
+    assert code == runner.INTERRUPTED and "interrupted during evaluation" in out and "--resume" in out
+    assert checkpoint.load(tmp_path / "checkpoint.npz").state.step == 300
+    assert not (tmp_path / "metrics.json").exists() and "loss (batch norm" not in out
