@@ -683,6 +683,101 @@ def compile_study(b: Bench) -> list[Row]:
     return rows
 
 
+def evaluation_study(b: Bench, wide_subset_rows: int = 4_096) -> list[Row]:
+    """Calibration and evaluation after training, the product way (before) and by lookup tables
+    (:mod:`jaxbirds.evaluate`): calibration on the train split (two passes) and the loss of each split.
+
+    Both ways run their programs in the batches their own memory estimates allow. At the default
+    shape (embedding 10, hidden 200) both run on the whole splits, timed as every study times. At
+    embedding 100,000 (W1 300,000 x 200) the product way is far too slow for the whole splits: it
+    runs on the first ``wide_subset_rows`` training rows only (calibration on them and their loss),
+    timed once after a one-batch warm-up; the lookup tables run both on that subset and on the whole
+    splits. "row passes" counts each calibrated row twice (two passes) and each evaluated row once;
+    ``s_per_100k_rows`` is seconds per 100,000 row passes, and ``x_faster`` the product's figure
+    (at embedding 100,000: on its subset) over the row's. ``max_loss_diff`` is the largest difference
+    between the two ways' losses of the same rows (model at initialisation).
+    """
+    from jaxbirds import evaluate, memory
+
+    @jax.jit
+    def product_column_sums(params, X, valid, center):
+        diff = (model.hidden_preactivation(params, X) - center) * valid[:, None]
+        return jnp.sum(diff, axis=0, keepdims=True), jnp.sum(diff * diff, axis=0, keepdims=True)
+
+    @jax.jit
+    def product_summed_nll(params, stats, X, Y, valid):
+        log_probs = jax.nn.log_softmax(model.logits(params, X, stats), axis=1)
+        return jnp.sum(-jnp.take_along_axis(log_probs, Y[:, None], axis=1)[:, 0] * valid)
+
+    def by_product(params, splits: dict) -> dict[str, float]:
+        """The evaluation as it was: (N, kE) embedded inputs times W1, batches sized by counting them."""
+        (fan_in, hidden), vocab = params["W1"].shape, params["W2"].shape[1]
+        per_row = evaluate.LIVE_BUFFERS * (fan_in + hidden + vocab) * params["W1"].dtype.itemsize + 64
+        batch = memory.rows_within(per_row, sum(p.nbytes for p in params.values()), evaluate.MAX_BATCH)
+        X, n = splits["train"][0], len(splits["train"][0])
+
+        def column_sum(power: int, center: jax.Array) -> jax.Array:  # of (hprebn - center) ** power
+            total = jnp.zeros((1, hidden))
+            for start in range(0, n, batch):
+                rows, valid = evaluate._pad(X, start, min(start + batch, n), batch)
+                total = total + product_column_sums(params, rows, valid, center)[power - 1]
+            return total
+
+        mean = column_sum(1, jnp.zeros((1, hidden))) / n  # two passes: the mean, then the deviations from it
+        stats = model.BatchNormStats(mean, column_sum(2, mean) / (n - 1))
+        losses = {}
+        for name, (X, Y) in splits.items():
+            total = 0.0
+            for start in range(0, len(Y), batch):
+                rows, valid = evaluate._pad(X, start, min(start + batch, len(Y)), batch)
+                labels, _ = evaluate._pad(Y, start, min(start + batch, len(Y)), batch)
+                total += float(product_summed_nll(params, stats, rows, labels, valid))
+            losses[name] = total / len(Y)
+        return losses
+
+    def by_lookup(params, splits: dict) -> dict[str, float]:
+        stats = evaluate.calibrate(params, splits["train"][0])
+        return {name: evaluate.split_loss(params, stats, X, Y) for name, (X, Y) in splits.items()}
+
+    ways = {"product (before)": by_product, "lookup tables": by_lookup}
+    whole = {name: (s.X, s.Y) for name, s in b.dataset.splits.items()}
+    subset = {"train": (b.dataset.train.X[:wide_subset_rows], b.dataset.train.Y[:wide_subset_rows])}
+    warm_up = {"train": (b.dataset.train.X[:2], b.dataset.train.Y[:2])}  # one padded batch of each program
+    rows = []
+    for embedding in (b.model_config.embedding_dim, 100_000):
+        mc = dataclasses.replace(b.model_config, embedding_dim=embedding)
+        params = model.init_params(jax.random.key(0), mc)
+        jax.block_until_ready(params)
+        cheap = embedding == b.model_config.embedding_dim
+        points = [(way, "all splits", whole) for way in ways] if cheap else [
+            ("product (before)", f"first {len(subset['train'][0]):,} train rows", subset),
+            ("lookup tables", f"first {len(subset['train'][0]):,} train rows", subset),
+            ("lookup tables", "all splits", whole),
+        ]  # fmt: skip
+        losses = {}
+        for way, measured, splits in points:
+            run = functools.partial(ways[way], params, splits)
+            if cheap or way == "lookup tables":
+                timing, losses[way, measured] = measure(run, b.config.repeats), run()
+            else:  # minutes a run: one, after compiling on one batch
+                ways[way](params, warm_up)
+                t0 = time.perf_counter()
+                losses[way, measured] = run()
+                timing = Timing.of([time.perf_counter() - t0])
+            passes = 2 * len(splits["train"][0]) + sum(len(X) for X, _ in splits.values())
+            rows.append({"embedding": embedding, "hidden": mc.hidden, "way": way, "measured": measured,
+                         "timed_runs": b.config.repeats if cheap or way == "lookup tables" else 1,
+                         "row_passes": passes, "seconds": timing.median, "spread": (timing.low, timing.high),
+                         "s_per_100k_rows": 1e5 * timing.median / passes})  # fmt: skip
+        product = next(r for r in rows[-len(points) :] if r["way"] == "product (before)")
+        for row in rows[-len(points) :]:
+            row["x_faster"] = product["s_per_100k_rows"] / row["s_per_100k_rows"]
+            same = [v for (_, measured), v in losses.items() if measured == row["measured"]]
+            if len(same) == 2:  # both ways on the same rows
+                row["max_loss_diff"] = max(abs(same[0][k] - same[1][k]) for k in same[0])
+    return rows
+
+
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
 
 
@@ -858,6 +953,22 @@ TABLES = {
             ("unaccounted", "unaccounted", ".2f"),
         ],
     ),
+    "evaluation": (
+        "Calibration and evaluation after training: the product (before) vs lookup tables (float32, seconds)",
+        [
+            ("embedding", "embedding", ","),
+            ("hidden", "hidden", ""),
+            ("way", "way", ""),
+            ("measured", "rows measured", ""),
+            ("timed_runs", "timed runs", ""),
+            ("row_passes", "row passes", ","),
+            ("seconds", "seconds (median)", ".3f"),
+            ("spread", "min–max", ".3f"),
+            ("s_per_100k_rows", "s per 100k row passes", ".3f"),
+            ("x_faster", "× faster than product", ".1f"),
+            ("max_loss_diff", "max loss difference", ".1e"),
+        ],
+    ),
     "torch": (
         "The tutorial's PyTorch loop (same recipe, manual gradients)",
         [
@@ -872,15 +983,26 @@ TABLES = {
 }
 
 
+#: The figure :func:`plot_results` writes for each study that has one (``scripts/bench.py --plot`` lists them).
+FIGURES: dict[str, str] = {
+    "dispatch": "dispatch.png",
+    "scaling": "scaling.png",
+    "vmap": "vmap.png",
+    "accuracy": "accuracy.png",
+    "memory": "memory.png",
+    "startup": "startup.png",
+}
+
+
 def plot_results(results: dict, out_dir) -> list:
     """PNG figures of the studies that a picture explains better than a table."""
-    from jaxbirds.plots import _pyplot, _save
+    from jaxbirds import plots
 
-    plt = _pyplot()
+    plots.require()
     out_dir, written = Path(out_dir), []
     if results.get("dispatch"):
         rows = results["dispatch"]
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plots.subplots(figsize=(8, 4))
         labels = [
             r["variant"]
             if r["variant"] != "scan"
@@ -892,9 +1014,9 @@ def plot_results(results: dict, out_dir) -> list:
         ax.set_xlabel("training steps per second (log scale)")
         ax.invert_yaxis()
         ax.set_title("the same SGD step, dispatched three ways")
-        written.append(_save(fig, out_dir / "dispatch.png"))
+        written.append(plots.write(fig, out_dir / FIGURES["dispatch"]))
     if results.get("scaling"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plots.subplots(1, 2, figsize=(10, 4))
         for ax, axis in zip(axes, ("batch", "hidden"), strict=True):
             rows = [r for r in results["scaling"] if r["sweep"] == axis]
             ax.plot([r["value"] for r in rows], [r["gflops_per_s"] for r in rows], "o-")
@@ -903,10 +1025,10 @@ def plot_results(results: dict, out_dir) -> list:
             ax.set_ylabel("achieved matmul GFLOP/s")
             ax.set_title(f"{axis} sweep")
             ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "scaling.png"))
+        written.append(plots.write(fig, out_dir / FIGURES["scaling"]))
     if results.get("vmap"):
         rows = results["vmap"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plots.subplots(figsize=(7, 4.5))
         for (variant, devices), style in zip(
             dict.fromkeys((r["variant"], r["devices"]) for r in rows if r["variant"].startswith("sweep")),
             ["o-", "s--", "^-", "v--"], strict=False,
@@ -922,12 +1044,12 @@ def plot_results(results: dict, out_dir) -> list:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "vmap.png"))
+        written.append(plots.write(fig, out_dir / FIGURES["vmap"]))
     gradient_rows = [r for r in results.get("accuracy", []) if "median_rel_error" in r]
     if gradient_rows:
         points = list(dict.fromkeys((r["point"], r["batch"]) for r in gradient_rows))
         modes = list(dict.fromkeys(r["mode"] for r in gradient_rows))
-        fig, ax = plt.subplots(figsize=(9, 4))
+        fig, ax = plots.subplots(figsize=(9, 4))
         width = 0.8 / len(modes)
         for j, mode in enumerate(modes):
             values = [next(r["median_rel_error"] for r in gradient_rows if (r["point"], r["batch"]) == p and
@@ -938,11 +1060,11 @@ def plot_results(results: dict, out_dir) -> list:
         ax.set_ylabel("median relative error vs float64")
         ax.set_title("float32 gradient error per mode (median over tensors and batches)")
         ax.legend(fontsize=7)
-        written.append(_save(fig, out_dir / "accuracy.png"))
+        written.append(plots.write(fig, out_dir / FIGURES["accuracy"]))
     if results.get("memory"):
         rows = [r for r in results["memory"] if "peak_bytes" in r]
         hiddens = sorted({r["hidden"] for r in rows})
-        fig, axes = plt.subplots(1, len(hiddens), figsize=(5 * len(hiddens), 4), squeeze=False)
+        fig, axes = plots.subplots(1, len(hiddens), figsize=(5 * len(hiddens), 4), squeeze=False)
         for ax, hidden in zip(axes[0], hiddens, strict=True):
             for mode in dict.fromkeys(r["mode"] for r in rows):
                 mine = [r for r in rows if r["mode"] == mode and r["hidden"] == hidden]
@@ -955,11 +1077,11 @@ def plot_results(results: dict, out_dir) -> list:
             ax.set_title(f"one compiled training step, hidden {hidden:,}")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        written.append(_save(fig, out_dir / "memory.png"))
+        written.append(plots.write(fig, out_dir / FIGURES["memory"]))
     if results.get("startup"):
         rows = results["startup"]
         phases = [k for k in rows[0] if k not in ("run", "wall_s", "train_s", "outside_s", "wall_minus_train_s")]
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = plots.subplots(figsize=(8, 3.6))
         left = np.zeros(len(rows))
         for phase in phases:
             values = np.array([r.get(phase, 0.0) for r in rows])
@@ -968,5 +1090,5 @@ def plot_results(results: dict, out_dir) -> list:
         ax.set_xlabel("seconds of wall time outside training")
         ax.set_title("scripts/train.py: time outside training, empty then warm compilation cache")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
-        written.append(_save(fig, out_dir / "startup.png"))
+        written.append(plots.write(fig, out_dir / FIGURES["startup"]))
     return written

@@ -1,4 +1,9 @@
-"""Figures. matplotlib is an optional extra (``pip install -e ".[plots]"``), imported lazily."""
+"""Figures. matplotlib is an optional extra (``pip install -e ".[plots]"``), imported lazily.
+
+Every figure is drawn on matplotlib's object-oriented API (:func:`_figure`) and
+never through pyplot: the library chooses no backend and leaves no global state,
+so a notebook or program that draws figures of its own keeps its backend.
+"""
 
 from __future__ import annotations
 
@@ -36,20 +41,25 @@ def preload() -> None:
     fig.savefig(io.BytesIO(), format="png")
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError(MISSING) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def subplots(*grid, figsize, **kwargs):
+    """``pyplot.subplots`` without pyplot: a :func:`_figure` and its axes (``Figure.subplots(*grid, **kwargs)``).
 
-    return plt
+    Returns:
+        ``(figure, axes)``: one ``Axes``, or an array of them as ``Figure.subplots`` returns.
+    """
+    fig = _figure(figsize)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def _figure(figsize):
-    """A figure of matplotlib's object-oriented API, outside pyplot's global state: safe to draw on a
-    thread of its own (the training run draws its loss curve while it evaluates)."""
+    """A figure of matplotlib's object-oriented API, outside pyplot's global state.
+
+    No backend is chosen and no pyplot state is touched: ``savefig`` picks the
+    PNG canvas for this one figure, so a notebook's own ``plt.show()`` still
+    works after the library has drawn, and drawing is safe on a thread of its
+    own (the training run draws its loss curve while it evaluates). Nothing to
+    close either: the figure is garbage once its caller drops it.
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -63,9 +73,8 @@ def dlogits_heatmap(dlogits: np.ndarray, labels: np.ndarray, chars: Sequence[str
     Each row is ``(softmax - onehot) / n``: positive everywhere except the dark
     target cell, which is ``(p - 1)/n``. Targets are ringed so they stand out.
     """
-    plt = _pyplot()
     n, v = dlogits.shape
-    fig, ax = plt.subplots(figsize=(0.28 * v + 2, 0.2 * n + 1.5))
+    fig, ax = subplots(figsize=(0.28 * v + 2, 0.2 * n + 1.5))
     lim = float(np.abs(dlogits).max())
     image = ax.imshow(dlogits, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.scatter(labels, np.arange(n), s=30, facecolors="none", edgecolors="black", linewidths=0.8, label="target")
@@ -75,7 +84,7 @@ def dlogits_heatmap(dlogits: np.ndarray, labels: np.ndarray, chars: Sequence[str
     ax.set_title("dloss/dlogits = (softmax - onehot(target)) / n")
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.12), fontsize=8)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    return _save(fig, path)
+    return write(fig, path)
 
 
 def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
@@ -85,8 +94,7 @@ def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
     no bar and the label "exact". The log scale shows how much room is left:
     a bar at 1e-2 would pass a hundred times the difference it has.
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
+    fig, axes = subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
     for ax, (title, rows) in zip(axes[:, 0], tables.items(), strict=True):
         shares = [r.max_abs / r.allowed if r.allowed > 0 else np.inf for r in rows]
         shown = [x for x in shares if 0 < x < np.inf]
@@ -102,13 +110,13 @@ def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
         ax.set_xticks(range(len(rows)), labels=[r.name for r in rows], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("max diff / allowed")
         ax.set_title(f"{title}\n(below the dashed line: within tolerance; red: outside)", fontsize=10)
-    return _save(fig, path)
+    return write(fig, path)
 
 
 def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = "training loss") -> Path:
     """log10 of the training loss, averaged over consecutive windows of ``window`` steps.
 
-    Drawn without pyplot (see :func:`_figure`), so it may run on a background thread.
+    May run on a background thread: no pyplot (see :func:`_figure`).
     """
     fig = _figure((8, 4.5))
     ax = fig.subplots()
@@ -121,7 +129,7 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
     ax.set_ylabel("log10(loss)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _write(fig, path)
+    return write(fig, path)
 
 
 def _window_means(losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +139,8 @@ def _window_means(losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarr
     return np.arange(len(means)) * window + window / 2, means
 
 
-def _write(fig, path: Path) -> Path:
-    """Save a figure of the object-oriented API (see :func:`_figure`) as a PNG."""
+def write(fig, path: Path) -> Path:
+    """Save a figure of the object-oriented API (see :func:`_figure`) as a PNG, creating its directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -174,13 +182,4 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     right.set_title("training loss of every model")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    return _write(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    """Save a pyplot figure as a PNG and close it."""
-    path = _write(fig, path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return write(fig, path)

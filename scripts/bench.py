@@ -4,87 +4,162 @@
 Studies: dispatch (eager / jit per step / scan chunks), gradient modes, what XLA
 compiled (FLOPs, bytes, kernels), scaling (batch, hidden, float64), many models
 with vmap, the tutorial's PyTorch loop when torch is installed, compile time per
-gradient mode and chunk length, and start-up (scripts/train.py twice, with an
-empty and then a warm compilation cache). Times are medians of several runs after
+gradient mode and chunk length, start-up (scripts/train.py twice, with an
+empty and then a warm compilation cache), and calibration and evaluation after
+training (the embedded-input product against lookup tables). Times are medians of several runs after
 a warm-up, measured side by side in this process.
+
+--report FILE writes the tables of the studies that ran into FILE's marked blocks
+(<!-- bench:NAME --> ... <!-- /bench:NAME -->; see jaxbirds/report.py), each with the
+command, machine and date that produced it: docs/performance.md is kept that way.
+--from-json re-renders saved results (tables, figures) without measuring.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from jaxbirds import bench, cli, data, plots, runner
+from jaxbirds import bench, cli, data, outputs, plots, report
+from jaxbirds.errors import ConfigError
 
-STUDIES = ("dispatch", "modes", "xla", "scaling", "vmap", "torch", "accuracy", "memory", "compile", "startup")
+STUDIES = (
+    "dispatch", "modes", "xla", "scaling", "vmap", "torch", "accuracy", "memory", "compile", "startup", "evaluation",
+)  # fmt: skip
 
 
 def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: the whole suite in under a minute")
-    p.add_argument("--only", nargs="+", choices=STUDIES, default=list(STUDIES), help="run only these studies")
+    p.add_argument("--only", nargs="+", choices=STUDIES, help="run only these studies (default: all)")
     p.add_argument(
         "--json",
         type=Path,
         default=Path("bench-results/bench.json"),
         help="where to save all rows (default bench-results/bench.json)",
     )
-    p.add_argument("--plot", type=Path, metavar="DIR", help="also write dispatch.png, scaling.png, vmap.png into DIR")
+    figures = ", ".join(bench.FIGURES.values())
+    p.add_argument(
+        "--plot", type=Path, metavar="DIR", help=f"also write the figures of the studies run into DIR: {figures}"
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.md",
+        help="write the tables of the studies run into FILE's <!-- bench:NAME --> blocks (checked before measuring)",
+    )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: render the results saved in JSON (by an earlier run) with --report and/or --plot",
+    )
     p.add_argument("--data", type=Path, default=data.DEFAULT_DATA_PATH, help="bird names (default: the shipped file)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.from_json and not (args.report or args.plot):
+        p.error("--from-json needs --report FILE.md or --plot DIR: what to render the saved results into")
+    if args.from_json and args.quick:
+        p.error("--from-json measures nothing: --quick has no effect with it")
+    return args
+
+
+def render_saved(args, argv) -> int:
+    """--from-json: the tables and figures of results saved by an earlier run, without measuring."""
+    try:
+        results = json.loads(args.from_json.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot read saved results {args.from_json}: {getattr(err, 'strerror', None) or err}"
+        ) from None
+    saved = [name for name in STUDIES if name in results]
+    missing = [name for name in args.only or () if name not in results]
+    if missing:
+        raise ConfigError(f"{args.from_json} has no results for {', '.join(missing)} (it has {', '.join(saved)})")
+    names = args.only or saved
+    if args.report:
+        report.check_file(args.report, names)
+        outputs.check_writable_file(args.report)
+    if args.plot:
+        plots.require()
+        outputs.check_writable_dir(args.plot)
+        print("wrote " + ", ".join(map(str, bench.plot_results({k: results[k] for k in names}, args.plot))))
+    if args.report:
+        filled = report.update_file(args.report, results, names, rendered_by=report.command_line(argv))
+        print(f"wrote the tables of {', '.join(filled) or 'no study'} into {args.report}")
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    runner.check_writable_file(args.json)  # before the suite, not after it
+    if args.from_json:
+        return render_saved(args, argv)
+    only = args.only or list(STUDIES)
+    outputs.check_writable_file(args.json)  # before the suite, not after it
+    if args.report:
+        report.check_file(args.report, only)
+        outputs.check_writable_file(args.report)
     if args.plot:
         plots.require()
-        runner.check_writable_dir(args.plot)
+        outputs.check_writable_dir(args.plot)
     t0 = time.perf_counter()
     config = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     b = bench.Bench(data.load_dataset(args.data), config)
     env = bench.environment()
     print(f"# jaxbirds benchmarks{' (quick)' if args.quick else ''}\n")
     print("\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n", flush=True)
-    results: dict = {"environment": env, "quick": args.quick}
+    results: dict = {
+        "environment": env,
+        "quick": args.quick,
+        "command": report.command_line(argv),
+        "date": report.timestamp(),
+        "study_seconds": {},
+        "notes": {},
+    }
 
     clock = [time.perf_counter()]
 
-    def report(name, rows, note=None):
+    def record(name, rows, note=None):
         results[name] = rows
+        if note:
+            results["notes"][name] = note
         title, columns = bench.TABLES[name]
         print(f"## {title}\n")
         print(bench.markdown_table(rows, columns) if rows else f"(skipped: {note})")
         now = time.perf_counter()
+        results["study_seconds"][name] = now - clock[0]
         print(f"\n({name}: {now - clock[0]:.0f} s, compiles included)\n", flush=True)
         clock[0] = now
 
-    if "dispatch" in args.only:
-        report("dispatch", bench.dispatch_study(b))
-    if "modes" in args.only or "xla" in args.only:
+    if "dispatch" in only:
+        record("dispatch", bench.dispatch_study(b))
+    if "modes" in only or "xla" in only:
         modes = bench.modes_study(b)
-        if "modes" in args.only:
-            report("modes", modes)
-        if "xla" in args.only:
-            report("xla", bench.xla_study(b, modes))
-    if "scaling" in args.only:
-        report("scaling", bench.scaling_study(b))
-    if "vmap" in args.only:
-        report("vmap", bench.vmap_study(b))
-    if "torch" in args.only:
+        if "modes" in only:
+            record("modes", modes)
+        if "xla" in only:
+            record("xla", bench.xla_study(b, modes))
+    if "scaling" in only:
+        record("scaling", bench.scaling_study(b))
+    if "vmap" in only:
+        record("vmap", bench.vmap_study(b))
+    if "torch" in only:
         best = max((r["steps_per_s"] for r in results.get("dispatch", []) if r["variant"] == "scan"), default=None)
         rows, note = bench.torch_study(b, best)
-        report("torch", rows, note)
-    if "accuracy" in args.only:
-        report("accuracy", bench.accuracy_study(b))
-    if "memory" in args.only:
-        report("memory", bench.memory_study(b))
-    if "compile" in args.only:
-        report("compile", bench.compile_study(b))
-    if "startup" in args.only:
+        record("torch", rows, note)
+    if "accuracy" in only:
+        record("accuracy", bench.accuracy_study(b))
+    if "memory" in only:
+        record("memory", bench.memory_study(b))
+    if "compile" in only:
+        record("compile", bench.compile_study(b))
+    if "startup" in only:
         rows, note = bench.startup_study(b)
-        report("startup", rows, note)
+        record("startup", rows, note)
+    if "evaluation" in only:
+        record("evaluation", bench.evaluation_study(b))
 
     results["seconds"] = time.perf_counter() - t0
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +167,11 @@ def main(argv=None) -> int:
     print(f"saved {args.json}; the suite took {results['seconds']:.0f} s")
     if args.plot:
         print("wrote " + ", ".join(map(str, bench.plot_results(results, args.plot))))
+    if args.report:
+        filled = report.update_file(args.report, results, only)
+        print(f"wrote the tables of {', '.join(filled) or 'no study'} into {args.report}")
+        for name in (name for name in only if name not in filled):
+            print(f"left the {name} block as it was: {results['notes'].get(name, 'no rows')}")
     return 0
 
 

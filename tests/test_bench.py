@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_gradcheck import load_script
 
-from jaxbirds import bench, model, train
+from jaxbirds import bench, model, report, train
+from jaxbirds.errors import OutputError
 
 
 def test_quick_cli_runs_the_gradient_mode_studies_and_saves_json(tmp_path, capsys):
@@ -140,3 +141,119 @@ def test_startup_runs_the_script_twice_and_the_second_run_finds_the_cache(datase
     for row in rows:
         assert {"imports", "compile", "calibration and evaluation", "sampling"} <= set(row)
         assert 0 < row["train_s"] < row["wall_s"] and row["outside_s"] > 0  # read from a real run's metrics.json
+
+
+# --- the report: tables written into the marked blocks of a markdown file (no benchmarking) --------------
+
+DOC = """# Title
+
+Prose before, quoting 1,234 steps/s and a marker in a sentence: `<!-- bench:dispatch -->`.
+
+<!-- bench:dispatch -->
+| old | dispatch |
+<!-- /bench:dispatch -->
+
+Prose between.
+
+<!-- bench:modes -->
+| old | modes |
+<!-- /bench:modes -->
+Prose after.
+"""
+
+
+def saved_results(**studies) -> dict:
+    """What scripts/bench.py saves, for the studies given, with a made-up machine."""
+    return {
+        "environment": {"device": "cpu: cpu", "cpu": "Test CPU 9000", "cores": 2, "jax": "0.0.1", "XLA_FLAGS": ""},
+        "quick": True,
+        "command": "python scripts/bench.py --quick --only dispatch",
+        "date": "2001-02-03 04:05 UTC",
+        "study_seconds": {name: 12.3 for name in studies},
+        "notes": {},
+        **studies,
+    }
+
+
+DISPATCH_ROWS = [
+    {"variant": "scan", "chunk": 1000, "unroll": 1, "steps_per_s": 7421.4, "spread_steps_per_s": (7071.0, 8062.0),
+     "us_per_step": 134.75, "compile_s": 2.21},
+]  # fmt: skip
+
+
+def test_rewrite_replaces_the_named_blocks_inside_and_nothing_else():
+    new = report.rewrite(DOC, {"dispatch": "\nNEW\n"}, bench.TABLES)
+    assert new == DOC.replace("| old | dispatch |", "NEW")
+    both = report.rewrite(DOC, {"dispatch": "A", "modes": "B"}, bench.TABLES)
+    assert both == DOC.replace("\n| old | dispatch |\n", "A").replace("\n| old | modes |\n", "B")
+    assert report.rewrite(DOC, {}, bench.TABLES) == DOC
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<!-- bench:dispatch -->\n| t |\n", "line 1: <!-- bench:dispatch --> is never closed"),
+        ("a\n| t |\n<!-- /bench:dispatch -->\n", "line 3: <!-- /bench:dispatch --> closes a block that is not open"),
+        ("<!-- bench:dispatch -->\n<!-- /bench:modes -->\n", "line 2: .* closes a block that is not open"),
+        ("<!-- bench:dispatch -->\n<!-- bench:modes -->\n<!-- /bench:modes -->\n<!-- /bench:dispatch -->",
+         "line 2: <!-- bench:modes --> opens inside the dispatch block of line 1"),
+        ("<!-- bench:dispach -->\n<!-- /bench:dispach -->\n", "line 1: <!-- bench:dispach --> names no study"),
+        (DOC + "<!-- bench:dispatch -->\n<!-- /bench:dispatch -->\n", "a second dispatch block"),
+        (DOC.replace("modes", "xla"), "doc.md has no block for modes: mark where"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_unbalanced_marker_is_an_output_error(text, message):
+    with pytest.raises(OutputError, match=message):
+        report.rewrite(text, {"dispatch": "new", "modes": "new"}, bench.TABLES, source="doc.md")
+
+
+def test_a_block_holds_the_table_and_where_it_came_from_also_after_a_json_round_trip():
+    results = saved_results(dispatch=DISPATCH_ROWS)
+    block = report.render(results, "dispatch")
+    _, columns = bench.TABLES["dispatch"]
+    assert block.startswith("\n" + bench.markdown_table(DISPATCH_ROWS, columns) + "\n\n")
+    assert "| 7,421 | 7,071–8,062 |" in block  # the spread is a spread, not "(7071.0, 8062.0)"
+    for fact in ("`python scripts/bench.py --quick --only dispatch`", "2001-02-03 04:05 UTC", "12 s", "Test CPU 9000",
+                 "XLA_FLAGS none"):  # fmt: skip
+        assert fact in block
+    assert report.render(json.loads(json.dumps(results)), "dispatch") == block
+
+
+def test_update_file_fills_the_studies_with_rows_and_leaves_a_bad_file_as_it_was(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text(DOC)
+    filled = report.update_file(doc, saved_results(dispatch=DISPATCH_ROWS, modes=[]), ["dispatch", "modes"])
+    assert filled == ["dispatch"]  # modes ran but has no rows (a skipped study): its block stays
+    text = doc.read_text()
+    assert "| old | dispatch |" not in text and "7,071–8,062" in text and "| old | modes |" in text
+    assert (
+        text.replace(report.render(saved_results(dispatch=DISPATCH_ROWS), "dispatch"), "\n| old | dispatch |\n") == DOC
+    )
+    doc.write_text(DOC.replace("<!-- /bench:modes -->", ""))
+    with pytest.raises(OutputError, match="never closed"):
+        report.update_file(doc, saved_results(dispatch=DISPATCH_ROWS), ["dispatch"])
+    assert doc.read_text() == DOC.replace("<!-- /bench:modes -->", "")
+    assert [p.name for p in tmp_path.iterdir()] == ["performance.md"]  # no temporary file left behind
+
+
+def test_a_bad_report_file_is_refused_before_the_suite_runs(tmp_path, capsys):
+    from jaxbirds import cli
+
+    doc = tmp_path / "performance.md"
+    doc.write_text(DOC)
+    argv = ["--quick", "--only", "dispatch", "vmap", "--report", str(doc), "--json", str(tmp_path / "b.json")]
+    code = cli.run(load_script("bench").main, argv)
+    captured = capsys.readouterr()
+    assert code == 2 and "has no block for vmap" in captured.err and "#" not in captured.out
+    assert doc.read_text() == DOC and not (tmp_path / "b.json").exists()
+
+
+def test_from_json_renders_saved_results_into_the_report_without_measuring(tmp_path, capsys):
+    saved, doc = tmp_path / "bench.json", tmp_path / "performance.md"
+    saved.write_text(json.dumps(saved_results(dispatch=DISPATCH_ROWS)))
+    doc.write_text(DOC)
+    assert load_script("bench").main(["--from-json", str(saved), "--report", str(doc)]) == 0
+    text = doc.read_text()
+    assert "7,071–8,062" in text and "| old | modes |" in text
+    assert f"by `python scripts/bench.py --from-json {saved} --report {doc}`" in text
+    assert "wrote the tables of dispatch" in capsys.readouterr().out

@@ -194,3 +194,28 @@ def test_second_order_finite_differences(module, modes):
         # jit: check_grads evaluates each function at many perturbed points of one shape
         check_grads(jax.jit(lambda lg: module.cross_entropy(lg, labels)), (logits,), order=2, modes=modes, **tol)
         check_grads(jax.jit(module.batch_norm), (x, gain, bias), order=2, modes=modes, **tol)
+
+
+def w1_loss(params, X, Y, rules):
+    """The loss as a function of W1 alone: upstream of both batch norm and cross-entropy, so its
+    second derivative runs through both rules (24 entries in the tiny model)."""
+    return lambda W1: model.loss({**params, "W1": W1}, X, Y, rules=rules)
+
+
+@pytest.mark.parametrize("rules", [r for r in model.RULES if r not in ("autodiff", "custom_jvp")])  # custom_jvp: above
+def test_hessian_forward_over_reverse_through_the_rules_agrees_with_the_plain_model(tiny, rules):
+    """jax.hessian is jacfwd(jacrev): forward mode over the reverse pass. Through custom_vjp it works
+    although custom_vjp has no forward mode: JAX differentiates the hand-written backward rule, whose
+    operations all have JVPs; only a JVP of the custom_vjp function itself is refused (below)."""
+    params, X, Y = tiny
+    with jax.enable_x64(True):
+        hessians = jax.jit(lambda W1: [jax.hessian(w1_loss(params, X, Y, r))(W1) for r in (rules, "autodiff")])
+        ours, plain = jax.device_get(hessians(params["W1"]))
+    assert ours.shape == plain.shape == params["W1"].shape * 2 and ours.dtype == np.float64
+    np.testing.assert_allclose(ours, plain, rtol=1e-12, atol=1e-12 * float(np.abs(plain).max()))
+
+
+def test_jacfwd_through_the_custom_vjp_model_fails_with_jaxs_error(tiny):
+    params, X, Y = tiny
+    with jax.enable_x64(True), pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jacfwd(w1_loss(params, X, Y, "custom_vjp"))(params["W1"])
