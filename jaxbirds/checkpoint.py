@@ -4,7 +4,9 @@
 tree order), the calibrated batch-norm statistics when there are any, and a
 header with the step, the vocabulary, both configurations and the data's
 fingerprint. No pickle: the file is plain arrays, loaded with
-``allow_pickle=False``. Its size does not grow with the run.
+``allow_pickle=False``. Its size does not grow with the run. :func:`load` checks
+every byte (the zip's CRC-32s) and every part against the header's
+configurations: any file that is not a checkpoint is one :class:`CheckpointError`.
 
 The per-step losses go to :class:`LossLog` (``losses.f32``, raw little-endian
 float32), appended chunk by chunk, so saving after a chunk costs the same at
@@ -33,17 +35,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxbirds.data import Vocabulary
 from jaxbirds.errors import JaxbirdsError
-from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, check_params
+from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, param_shapes
 from jaxbirds.train import TrainConfig, TrainState
 
 FORMAT = "jaxbirds-checkpoint"
 VERSION = 2
 LOSS_LOG = "losses.f32"
+ZIP_SIGNATURE = b"PK\x03\x04"  # how every zip archive, and so every .npz file, begins
+PARAM_DTYPE = np.dtype(np.float32)  # of parameters and statistics: every run trains in float32
+HEADER_FIELDS = {"format", "version", "step", "vocab", "model_config", "train_config", "has_stats", "data"}
 
 
 class CheckpointError(JaxbirdsError, ValueError):
@@ -127,45 +131,183 @@ def save(path: str | Path, checkpoint: Checkpoint) -> Path:
 
 
 def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save`; a clear :class:`CheckpointError` otherwise."""
+    """Read a checkpoint written by :func:`save`; a :class:`CheckpointError` that says what is wrong otherwise.
+
+    Every way a file can fail to be a checkpoint ends here, as that one error:
+    missing, a directory, unreadable, empty, not a zip, truncated or damaged
+    (each member is read whole, so the zip's CRC-32 of every byte of it is
+    checked: a flipped bit is an error, never a different state), a header that
+    is not the expected JSON object or comes from a newer format version,
+    missing or unexpected members, and arrays of another shape or dtype than the
+    configurations in the header imply. Parameters and batch-norm statistics
+    must be finite: a run saves only states whose loss is finite, and sampling
+    from NaN or infinite weights gives garbage names rather than an error.
+
+    Args:
+        path: the ``.npz`` file.
+
+    Returns:
+        The checkpoint, with its arrays on the default device.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+    members = _read_members(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-        header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a readable checkpoint (its header is not a JSON object)")
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise CheckpointError(f"{path} is not a {FORMAT} version {VERSION} file (it says {header.get('version')})")
-    try:
-        model_config = ModelConfig(**header["model_config"])
-        train_config = TrainConfig(**header["train_config"])
-        vocab = Vocabulary(tuple(header["vocab"]))
-        params = {name: jnp.asarray(arrays[f"params/{name}"]) for name in PARAM_NAMES}
-        check_params(params, model_config)
-        template = train_config.make_optimizer().init(params)
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        saved = [arrays[f"opt/{i:03d}"] for i in range(len(leaves))]
-        if (
-            any(np.shape(a) != np.shape(b) for a, b in zip(saved, leaves, strict=True))
-            or f"opt/{len(leaves):03d}" in arrays
-        ):
-            raise CheckpointError("its optimiser state does not match its optimiser")
-        opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in saved])
-        stats = None
-        if header["has_stats"]:
-            stats = BatchNormStats(jnp.asarray(arrays["stats/mean"]), jnp.asarray(arrays["stats/var"]))
-        state = TrainState(params, opt_state, int(header["step"]))
-        data = DataSource(**header["data"]) if header.get("data") else None
-        return Checkpoint(state, stats, vocab, model_config, train_config, data)
+        return _decode(members)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} does not hold a consistent checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """The members of the zip archive at ``path``, by name, each read whole (which checks its CRC-32)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file, so not a checkpoint")  # a device or a pipe
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {err.strerror or err}") from None
+    if not raw:
+        raise CheckpointError(f"{path} is not a readable checkpoint: the file is empty (0 bytes)")
+    if not raw.startswith(ZIP_SIGNATURE):
+        raise CheckpointError(f"{path} is not a readable checkpoint: not an .npz (zip) file; it starts {raw[:16]!r}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            infos = archive.infolist()
+            members = {info.filename: archive.read(info) for info in infos}
+    # Damaged bytes make zipfile raise BadZipFile, EOFError, NotImplementedError (an unknown compression
+    # method), RuntimeError (an "encrypted" flag), ValueError (a seek before the start), ...
+    except Exception as err:  # whichever it is, these bytes are not a readable archive
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: it is truncated or damaged ({type(err).__name__}: {err})"
+        ) from None
+    if len(members) != len(infos):
+        raise CheckpointError(f"{path} is not a readable checkpoint: a member name occurs twice")
+    return members
+
+
+def _decode(members: dict[str, bytes]) -> Checkpoint:
+    """The checkpoint held by ``members`` (an ``.npz`` archive's ``name.npy`` members, read whole)."""
+    if "header.npy" not in members:
+        names = ", ".join(sorted(members)) or "nothing"
+        raise CheckpointError(f"not a readable checkpoint: an .npz file without a jaxbirds header (it holds {names})")
+    header = _header(_array(members, "header", None, np.dtype(np.uint8)).tobytes())
+    model_config = _config(ModelConfig, header["model_config"], "model_config")
+    train_config = _config(TrainConfig, header["train_config"], "train_config")
+    try:
+        vocab = Vocabulary(tuple(header["vocab"]))
+    except ValueError as err:
+        raise CheckpointError(f"its vocabulary {header['vocab']!r} is not one: {err}") from None
+    if vocab.size != model_config.vocab_size:
+        raise CheckpointError(
+            f"its vocabulary has {vocab.size} characters, its model_config.vocab_size is {model_config.vocab_size}"
+        )
+    shapes = param_shapes(model_config)
+    template = jax.eval_shape(
+        train_config.make_optimizer().init, {name: jax.ShapeDtypeStruct(shapes[name], PARAM_DTYPE) for name in shapes}
+    )
+    opt_leaves, opt_tree = jax.tree_util.tree_flatten(template)
+    stats_shape = (1, model_config.hidden)
+    expected = {f"params/{name}": (shape, PARAM_DTYPE) for name, shape in shapes.items()}
+    expected |= {f"opt/{i:03d}": (leaf.shape, leaf.dtype) for i, leaf in enumerate(opt_leaves)}
+    if header["has_stats"]:
+        expected |= {"stats/mean": (stats_shape, PARAM_DTYPE), "stats/var": (stats_shape, PARAM_DTYPE)}
+    _check_names("members", set(members) - {"header.npy"}, {f"{name}.npy" for name in expected})
+    arrays = {name: _array(members, name, shape, dtype) for name, (shape, dtype) in expected.items()}
+    for name, array in arrays.items():
+        if not name.startswith("opt/") and not np.isfinite(array).all():
+            raise CheckpointError(f"{name} holds NaN or infinite values (a run saves only finite states)")
+    arrays = jax.device_put(arrays)  # one transfer; jnp.asarray would compile a program per shape (~20 ms each)
+    params = {name: arrays[f"params/{name}"] for name in PARAM_NAMES}
+    opt_state = jax.tree_util.tree_unflatten(opt_tree, [arrays[f"opt/{i:03d}"] for i in range(len(opt_leaves))])
+    stats = BatchNormStats(arrays["stats/mean"], arrays["stats/var"]) if header["has_stats"] else None
+    data = DataSource(**header["data"]) if header["data"] is not None else None
+    return Checkpoint(TrainState(params, opt_state, header["step"]), stats, vocab, model_config, train_config, data)
+
+
+def _header(raw: bytes) -> dict:
+    """The header's JSON object, checked field by field: format, version, then the type of each field."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"its header is a JSON {type(header).__name__}, not an object")
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"not a {FORMAT} file (its header's format is {header.get('format')!r})")
+    version = header.get("version")
+    if not _is_int(version):
+        raise CheckpointError(f"its header's version {version!r} is not an integer")
+    if version > VERSION:
+        raise CheckpointError(
+            f"written by a newer jaxbirds (checkpoint format version {version}); this one reads version {VERSION}"
+        )
+    if version < VERSION:
+        raise CheckpointError(f"an old checkpoint format (version {version}); this jaxbirds reads version {VERSION}")
+    _check_names("header fields", set(header), HEADER_FIELDS)
+    checks = {
+        "step": (lambda step: _is_int(step) and step >= 0, "a count of steps"),
+        "vocab": (lambda vocab: isinstance(vocab, str), "a string of characters"),
+        "has_stats": (lambda has_stats: isinstance(has_stats, bool), "true or false"),
+        "data": (_is_data_source, f"null or an object of strings {', '.join(DataSource._fields)}"),
+    }
+    for field, (fits, kind) in checks.items():
+        if not fits(header[field]):
+            raise CheckpointError(f"its header's {field} is {header[field]!r}, not {kind}")
+    return header
+
+
+def _is_data_source(data: object) -> bool:
+    return data is None or (
+        isinstance(data, dict)
+        and set(data) == set(DataSource._fields)
+        and all(isinstance(v, str) for v in data.values())
+    )
+
+
+def _config(cls: type, fields: object, what: str):
+    """``cls(**fields)`` for a config dataclass, given exactly its fields, each of the type of its default."""
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"its header's {what} is not a JSON object")
+    defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+    _check_names(f"{what} fields", set(fields), set(defaults))
+    for name, value in fields.items():
+        kind = type(defaults[name])
+        if not (_is_int(value) if kind is int else isinstance(value, kind) or (kind is float and _is_int(value))):
+            raise CheckpointError(f"its {what}.{name} is {value!r}; it must be of type {kind.__name__}")
+    try:
+        return cls(**fields)
+    except (JaxbirdsError, TypeError) as err:  # TypeError: numpy's isfinite of an int too large for a float
+        raise CheckpointError(f"its {what} is not valid: {err}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_names(what: str, found: set[str], expected: set[str]) -> None:
+    """Raise unless ``found`` is exactly ``expected``, naming what is missing and what is unexpected."""
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        problems = [f"missing {', '.join(missing)}"] * bool(missing) + [f"unexpected {', '.join(extra)}"] * bool(extra)
+        raise CheckpointError(f"its {what} are not a checkpoint's: {'; '.join(problems)}")
+
+
+def _array(members: dict[str, bytes], name: str, shape: tuple[int, ...] | None, dtype: np.dtype) -> np.ndarray:
+    """The ``.npy`` member ``name``, refused unless it has ``dtype`` and ``shape`` (None: any 1-D shape)."""
+    try:
+        array = np.lib.format.read_array(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
+    except Exception as err:  # a .npy header that is not one: ValueError, SyntaxError, MemoryError, ...
+        raise CheckpointError(f"its member {name} is not a readable array ({type(err).__name__}: {err})") from None
+    if array.dtype != dtype:
+        raise CheckpointError(f"{name} is {array.dtype}, not {dtype}")
+    if array.shape != shape and not (shape is None and array.ndim == 1):
+        raise CheckpointError(
+            f"{name} has shape {array.shape}, the configuration needs {'1-D' if shape is None else shape}"
+        )
+    return array
 
 
 def check_compatible(checkpoint: Checkpoint, vocab: Vocabulary, context_size: int) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -87,10 +88,9 @@ class TrainConfig:
             problems.append(f"seed must be an integer from 0 to {SEED_LIMIT - 1:,}, got {self.seed!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-            problems.append(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        if not (np.isfinite(self.decay_factor) and self.decay_factor > 0):
-            problems.append(f"decay_factor must be a positive number, got {self.decay_factor!r}")
+        for name in ("learning_rate", "decay_factor"):
+            if not _positive_finite(getattr(self, name)):
+                problems.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if self.decay_step < 0:
             problems.append(f"decay_step must be >= 0, got {self.decay_step!r}")
         if self.grad_mode not in GRAD_MODES:
@@ -113,6 +113,14 @@ class TrainConfig:
     def make_optimizer(self, learning_rate: float | jax.Array | None = None) -> optax.GradientTransformation:
         make = {"sgd": optax.sgd, "adam": optax.adam}[self.optimizer]
         return make(self.schedule(learning_rate))
+
+
+def _positive_finite(value) -> bool:
+    """A real number, finite as a float (``10**400`` is not: it overflows), and positive."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value)) and value > 0
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 #: The fields the compiled training program depends on. The others (``steps``,

@@ -1,15 +1,24 @@
 """Checkpoints: round trip, atomic writes, clear errors."""
 
 import dataclasses
+import errno
+import json
 import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from jaxbirds import checkpoint, evaluate, model, train
-from jaxbirds.checkpoint import Checkpoint, CheckpointError, DataSource, LossLog
+from jaxbirds.checkpoint import VERSION, Checkpoint, CheckpointError, DataSource, LossLog
+from jaxbirds.data import Vocabulary
 
 
 @pytest.fixture(scope="module", params=["sgd", "adam"])
@@ -124,3 +133,203 @@ def test_a_writer_error_surfaces_in_the_callers_thread(tmp_path, ckpt):
     writer.submit(ckpt, np.zeros(1, np.float32))
     with pytest.raises(OSError):
         writer.close()
+
+
+def small_checkpoint(optimizer: str, with_stats: bool) -> Checkpoint:
+    """An untrained model of the tutorial's vocabulary size, small enough to corrupt byte by byte."""
+    mc = model.ModelConfig(vocab_size=29, hidden=8, embedding_dim=3)
+    tc = train.TrainConfig(optimizer=optimizer)
+    stats = model.BatchNormStats(jnp.linspace(-1, 1, 8)[None], jnp.linspace(0.5, 2, 8)[None]) if with_stats else None
+    vocab = Vocabulary.from_names(["abcdefghijklmnopqrstuvwxyz -"])
+    assert vocab.size == 29
+    return Checkpoint(train.init_state(mc, tc), stats, vocab, mc, tc, DataSource("birds.csv", "0" * 64))
+
+
+def assert_same_checkpoint(back: Checkpoint, original: Checkpoint) -> None:
+    """Every array (values, shapes, dtypes, tree structure) and every other field."""
+    chex.assert_trees_all_equal(
+        (back.state.params, back.state.opt_state, back.stats),
+        (original.state.params, original.state.opt_state, original.stats),
+        strict=True,
+    )
+    assert (back.state.step, back.vocab, back.model_config, back.train_config, back.data) == (
+        original.state.step, original.vocab, original.model_config, original.train_config, original.data)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A real checkpoint (adam: an integer leaf among the float ones; with statistics) and its contents."""
+    original = small_checkpoint("adam", with_stats=True)
+    return checkpoint.save(tmp_path_factory.mktemp("small") / "c.npz", original), original
+
+
+def rewritten(source, target, edit):
+    """``source``'s members, changed by ``edit(arrays, header)`` in place, saved as ``target``. ``edit``
+    may replace ``arrays["header"]`` (its bytes) instead of changing the ``header`` dict."""
+    with np.load(source, allow_pickle=False) as npz:
+        arrays = dict(npz)
+    raw_header = arrays["header"]
+    header = json.loads(raw_header.tobytes())
+    edit(arrays, header)
+    if arrays.get("header") is raw_header:
+        arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
+    np.savez(target, **arrays)
+    return target
+
+
+def header_bytes(text: bytes):
+    return lambda arrays, header: arrays.update(header=np.frombuffer(text, np.uint8))
+
+
+def each_param(dtype):
+    return lambda arrays, header: arrays.update(
+        {name: arrays[name].astype(dtype) for name in arrays if name.startswith("params/")}
+    )
+
+
+def array(name, value):
+    return lambda arrays, header: arrays.update({name: value(arrays[name]) if callable(value) else value})
+
+
+def without(name):
+    return lambda arrays, header: arrays.pop(name)
+
+
+def header_field(name, value):
+    return lambda arrays, header: header.update({name: value})
+
+
+def config_field(config, name, value):
+    return lambda arrays, header: header[config].update({name: value})
+
+
+def test_rewriting_without_an_edit_gives_back_the_same_checkpoint(tmp_path, small):
+    """The control for the edits below: what they refuse is their edit, not the rewriting."""
+    source, original = small
+    assert_same_checkpoint(
+        checkpoint.load(rewritten(source, tmp_path / "c.npz", lambda arrays, header: None)), original
+    )
+
+
+#: Edits of a real checkpoint's members, and the message each must give.
+REFUSED_EDITS = [
+    (header_bytes(b'{"format": "jaxbirds-checkpoint", "vers'), "header is not JSON"),
+    (header_bytes(b"\xff\xfe{}"), "header is not JSON"),
+    (header_bytes(b"[1, 2]"), "header is a JSON list, not an object"),
+    (array("header", lambda header: header.astype(np.int32)), "header is int32, not uint8"),
+    (without("header"), "not a readable checkpoint: an .npz file without a jaxbirds header"),
+    (header_field("format", "other-checkpoint"), "not a jaxbirds-checkpoint file"),
+    (header_field("version", VERSION + 1),
+     rf"written by a newer jaxbirds \(checkpoint format version {VERSION + 1}\); this one reads version {VERSION}"),
+    (header_field("version", VERSION - 1), rf"old checkpoint format \(version {VERSION - 1}\)"),
+    (header_field("version", str(VERSION)), "version '2' is not an integer"),
+    (lambda arrays, header: header.pop("step"), "header fields are not a checkpoint's: missing step"),
+    (header_field("comment", "hand-edited"), "header fields are not a checkpoint's: unexpected comment"),
+    (header_field("step", -1), "step is -1, not a count of steps"),
+    (header_field("step", 5.0), "step is 5.0, not a count of steps"),
+    (header_field("has_stats", "yes"), "has_stats is 'yes', not true or false"),
+    (header_field("data", {"path": "birds.csv"}), "data is .* not null or an object of strings path, sha256"),
+    (header_field("model_config", [29, 3, 3, 8]), "model_config is not a JSON object"),
+    (lambda arrays, header: header["model_config"].pop("hidden"), "model_config fields .*: missing hidden"),
+    (config_field("model_config", "depth", 2), "model_config fields .*: unexpected depth"),
+    (config_field("model_config", "hidden", 8.0), "model_config.hidden is 8.0; it must be of type int"),
+    (config_field("model_config", "hidden", True), "model_config.hidden is True; it must be of type int"),
+    (config_field("model_config", "hidden", 0), "model_config is not valid: ModelConfig.hidden must be"),
+    (config_field("train_config", "optimizer", "rmsprop"), "train_config is not valid: optimizer must be"),
+    (config_field("train_config", "learning_rate", "0.1"), "learning_rate is '0.1'; it must be of type float"),
+    (config_field("train_config", "learning_rate", 10**400), "train_config is not valid"),
+    (header_field("vocab", "abc"), "vocabulary 'abc' is not one"),
+    (header_field("vocab", ".abc"), "vocabulary has 4 characters, its model_config.vocab_size is 29"),
+    (without("params/C"), "members are not a checkpoint's: missing params/C.npy"),
+    (array("params/W3", np.zeros(3, np.float32)), "members are not a checkpoint's: unexpected params/W3.npy"),
+    (array("opt/016", np.zeros(3, np.float32)), "unexpected opt/016.npy"),
+    (without("opt/015"), "missing opt/015.npy"),
+    (without("stats/var"), "missing stats/var.npy"),
+    (header_field("has_stats", False), "unexpected stats/mean.npy, stats/var.npy"),
+    (each_param(np.float16), "params/C is float16, not float32"),
+    (each_param(np.int32), "params/C is int32, not float32"),
+    (each_param(np.dtype(">f4")), "params/C is >f4, not float32"),  # big-endian
+    (array("params/W1", lambda w: w.astype(np.float64)), "params/W1 is float64, not float32"),  # among float32s
+    (array("opt/000", lambda count: count.astype(np.int64)), "opt/000 is int64, not int32"),
+    (array("opt/001", lambda mu: mu.astype(np.float16)), "opt/001 is float16, not float32"),
+    (array("params/W2", lambda w: w.T), r"params/W2 has shape \(29, 8\), the configuration needs \(8, 29\)"),
+    (array("opt/000", lambda count: count[None]), r"opt/000 has shape \(1,\), the configuration needs \(\)"),
+    (array("params/b1", np.array([None] * 8, object)), "params/b1 is not a readable array .*allow_pickle"),
+    (array("params/W2", lambda w: np.where(w > 0, np.nan, w)), "params/W2 holds NaN or infinite values"),
+    (array("stats/var", lambda v: np.full_like(v, np.inf)), "stats/var holds NaN or infinite values"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", REFUSED_EDITS, ids=[message for _, message in REFUSED_EDITS])
+def test_every_part_is_checked_against_the_header(tmp_path, small, edit, message):
+    source, _ = small
+    with pytest.raises(CheckpointError, match=message) as refused:
+        checkpoint.load(rewritten(source, tmp_path / "c.npz", edit))
+    assert str(refused.value).startswith(str(tmp_path / "c.npz"))
+
+
+def test_only_the_arrays_the_model_computes_with_must_be_finite(tmp_path, small):
+    """Adam's second moment can overflow to infinity in a run whose loss stays finite (its update is then
+    0): the run saves such a state, so loading must accept it. Parameters and statistics cannot be."""
+    source, original = small
+    nu_of_C = 8  # leaves: count, mu (7, in sorted names), nu (7), the schedule's count
+    assert original.state.opt_state[0].nu["C"].shape == (29, 3)
+    back = checkpoint.load(
+        rewritten(source, tmp_path / "c.npz", array(f"opt/{nu_of_C:03d}", np.full((29, 3), np.inf, np.float32)))
+    )
+    assert np.isinf(np.asarray(back.state.opt_state[0].nu["C"])).all()
+
+
+def test_files_that_are_no_checkpoint_at_all(tmp_path, small):
+    source, _ = small
+    cases = {
+        "empty.npz": (b"", r"not a readable checkpoint: the file is empty \(0 bytes\)"),
+        "notes.txt": (b"step 500: loss 2.1\n", r"not an .npz \(zip\) file; it starts b'step 500"),
+        "random.npz": (np.random.default_rng(0).bytes(4096), r"not an .npz \(zip\) file"),
+        "truncated.npz": (source.read_bytes()[:-100], r"truncated or damaged \(BadZipFile"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(tmp_path / name)
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("readme.txt", "not arrays")
+    with pytest.raises(CheckpointError, match=r"without a jaxbirds header \(it holds readme.txt\)"):
+        checkpoint.load(tmp_path / "other.zip")
+    with zipfile.ZipFile(tmp_path / "twice.npz", "w") as archive, pytest.warns(UserWarning, match="Duplicate"):
+        for _ in range(2):
+            archive.writestr("header.npy", source.read_bytes())
+    with pytest.raises(CheckpointError, match="a member name occurs twice"):
+        checkpoint.load(tmp_path / "twice.npz")
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        checkpoint.load(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(CheckpointError, match="pipe is not a regular file"):
+        checkpoint.load(tmp_path / "pipe")  # refused before a read that would wait for a writer for ever
+
+
+def test_a_file_that_cannot_be_read(tmp_path, small, monkeypatch):
+    path = tmp_path / "c.npz"
+    path.write_bytes(small[0].read_bytes())
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads a file whatever its mode: fail the read as it fails for any other user
+
+        def refuse(self):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(CheckpointError, match="c.npz is not a readable checkpoint: Permission denied"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated"])
+def test_sample_script_reports_an_unreadable_checkpoint_in_one_line(tmp_path, small, content):
+    path = tmp_path / "c.npz"
+    path.write_bytes(b"" if content == "empty" else small[0].read_bytes()[:1000])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "sample.py"), "--checkpoint", str(path), "--no-compile-cache"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert str(path) in done.stderr and "Traceback" not in done.stderr and not done.stdout

@@ -290,3 +290,12 @@ def test_train_config_rejects_bad_values(bad, message):
 def test_adam_trains_too(dataset, data):
     result = run(dataset, data, dataclasses.replace(SMALL, optimizer="adam", learning_rate=3e-3, steps=400))
     assert result.losses[-50:].mean() < result.losses[:50].mean() - 0.5
+
+
+@pytest.mark.parametrize("value", [0, -0.1, float("nan"), float("inf"), 10**400, "0.1", True])
+def test_a_learning_rate_or_decay_that_is_no_positive_number_is_a_config_error(value):
+    from jaxbirds.errors import ConfigError
+
+    for field in ("learning_rate", "decay_factor"):
+        with pytest.raises(ConfigError, match=f"{field} must be a positive number"):
+            train.TrainConfig(**{field: value})

@@ -138,7 +138,8 @@ def test_a_saved_state_that_is_itself_non_finite_gets_honest_advice(train_script
     save and no learning rate can help: the run says so, advises a fresh start, and keeps the file."""
     assert run_cli(train_script, ["--steps", "500", *SMALL, "--no-plot", "--out", str(tmp_path)], capsys)[0] == 0
     saved = checkpoint.load(tmp_path / "checkpoint.npz")
-    broken = {**saved.state.params, "W2": np.full_like(saved.state.params["W2"], np.inf)}
+    # finite weights (a checkpoint refuses non-finite ones) whose products overflow: the loss is not finite
+    broken = {**saved.state.params, "W2": np.full_like(saved.state.params["W2"], np.finfo(np.float32).max)}
     checkpoint.save(tmp_path / "checkpoint.npz", saved._replace(state=saved.state._replace(params=broken)))
     code, out, _ = run_cli(train_script, ["--resume", "--steps", "1000", "--out", str(tmp_path)], capsys)
     assert code == 1 and "already non-finite at step 500" in out and "--overwrite" in out
