@@ -13,6 +13,12 @@ so both use this module's lists for all three jobs:
   either kind that the new run does not write itself is removed, so nothing
   left in ``--out`` describes another model.
 
+One run at a time: a run holds its directory's lock (:func:`claimed`) from its
+up-front check to its last write, and a second run into the same directory is
+refused. The lock is an operating-system lock on a file (``flock``, through
+``filelock``), which the kernel releases when its process ends however it ends,
+so a run killed with ``kill -9`` never blocks the next one.
+
 Nothing is created before the work has started: the checks prove that ``--out``
 could be created and written without creating it, so a command refused for any
 reason (a size that does not fit in memory, found after these checks) leaves
@@ -21,9 +27,12 @@ the disk as it was. The writer creates the directory when it first writes.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import filelock
 
 from jaxbirds.errors import OutputError
 
@@ -33,6 +42,9 @@ METRICS = "metrics.json"
 LOSS_PLOT = "loss.png"
 SWEEP_JSON = "sweep.json"
 SWEEP_PLOT = "sweep.png"
+
+#: The lock a run holds on its output directory (:func:`claimed`); it stays in the directory, unlocked.
+LOCK = ".jaxbirds.lock"
 
 #: What ``scripts/train.py`` writes: the state, the loss history, the results and their picture.
 RUN_FILES = (CHECKPOINT, LOSS_LOG, METRICS, LOSS_PLOT)
@@ -123,3 +135,50 @@ def remove_stale(out: Path, keep: Sequence[str] = ()) -> None:
     for name in ALL_FILES:
         if name not in keep:
             (Path(out) / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claimed(out: Path) -> Iterator[Path]:
+    """Hold ``out``'s lock while the block runs: no other run can use ``out`` meanwhile.
+
+    The directory is created to hold the lock file. If the block ends with ``out`` holding nothing but the
+    lock (the run was refused before its first write), what this call created is removed again, so a
+    refused command leaves the disk as it was.
+
+    Raises:
+      OutputError: another process holds the lock (a run is using ``out``), or ``out`` cannot be created.
+    """
+    out = Path(out)
+    absolute = out.absolute()
+    created = [p for p in (absolute, *absolute.parents) if not p.exists()]
+    check_writable_dir(out)
+    make_dir(out)
+    lock = filelock.FileLock(out / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        _remove_if_empty(out, created)
+        raise OutputError(
+            f"{out} is in use by another run (it holds the lock {out / LOCK}); wait for that run to end, "
+            "or give another --out"
+        ) from None
+    except OSError as err:
+        _remove_if_empty(out, created)
+        raise OutputError(f"cannot lock {out / LOCK}: {err.strerror or err}") from None
+    try:
+        yield out
+    finally:
+        lock.release()
+        _remove_if_empty(out, created)
+
+
+def _remove_if_empty(out: Path, created: Sequence[Path]) -> None:
+    """Remove the directories in ``created`` (innermost first) if ``out`` holds nothing but its lock file."""
+    if not created or not out.is_dir() or any(p.name != LOCK for p in out.iterdir()):
+        return
+    (out / LOCK).unlink(missing_ok=True)
+    for directory in created:  # innermost first
+        try:
+            directory.rmdir()
+        except OSError:
+            return

@@ -24,7 +24,7 @@ import dataclasses  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from jaxbirds import checkpoint, cli, data, model, runner, train  # noqa: E402
+from jaxbirds import checkpoint, cli, data, model, outputs, runner, train  # noqa: E402
 from jaxbirds.checkpoint import Checkpoint, DataSource  # noqa: E402
 from jaxbirds.errors import ConfigError  # noqa: E402
 
@@ -97,6 +97,12 @@ def main(argv=None) -> int:
     phases = {"imports": time.perf_counter() - STARTED}
     args = parse_args(argv)
     cli.use_compile_cache(args)
+    with outputs.claimed(args.out):  # one run at a time in --out, from the checks below to the last write
+        return train_in(args, phases)
+
+
+def train_in(args, phases: dict[str, float]) -> int:
+    """Check everything, then train and evaluate into ``args.out`` (whose lock the caller holds)."""
     t0 = time.perf_counter()
     # Everything is checked before anything is written: a refused command leaves --out as it was.
     ckpt_path = args.out / runner.CHECKPOINT

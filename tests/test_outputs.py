@@ -1,6 +1,10 @@
-"""Output directories: one list of files, checked once and completely; refused input creates nothing."""
+"""Output directories: one list of files, checked once and completely; nothing created on refusal; one run at a time."""
+
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 from test_gradcheck import load_script
 from test_train_cli import SMALL, run_cli
 
@@ -75,4 +79,43 @@ def test_a_run_replacing_a_sweep_removes_the_sweep_s_files(tmp_path, capsys):
     assert code == 2 and "--overwrite" in err  # a sweep's results are not replaced unasked
     args = [*SMALL, "--steps", "500", "--no-plot", "--overwrite", "--out", str(tmp_path)]
     assert run_cli(load_script("train"), args, capsys)[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.npz", "losses.f32", "metrics.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([outputs.LOCK, *outputs.RUN_FILES[:3]])
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_a_killed_one_blocks_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "new" / "run"
+    with outputs.claimed(out_dir):
+        assert out_dir.is_dir()
+        with pytest.raises(OutputError, match="in use by another run"):
+            with outputs.claimed(out_dir):
+                pass  # pragma: no cover
+        code, out, err = run_cli(load_script("train"), [*SMALL, "--steps", "300", "--out", str(out_dir)], capsys)
+        assert code == 2 and "in use by another run" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()  # nothing was written: what the lock needed is gone again
+
+    # a process killed while it holds the lock: the kernel releases it, and the next run goes ahead
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(out_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputError, match="in use"):
+            with outputs.claimed(out_dir):
+                pass  # pragma: no cover
+        holder.kill()
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    code, _, err = run_cli(load_script("train"), [*SMALL, "--steps", "300", "--no-plot", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from jaxbirds import outputs
+with outputs.claimed(Path(sys.argv[1])):
+    (Path(sys.argv[1]) / "marker").write_text("a run's file")
+    print("locked", flush=True)
+    time.sleep(120)
+"""
