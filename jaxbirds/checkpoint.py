@@ -31,6 +31,8 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,27 +42,46 @@ import numpy as np
 from jaxbirds.data import Vocabulary
 from jaxbirds.errors import JaxbirdsError
 from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, param_shapes
+from jaxbirds.sweep import injected_optimizer
 from jaxbirds.train import TrainConfig, TrainState
 
 FORMAT = "jaxbirds-checkpoint"
-VERSION = 2
+VERSION = 3  # 3 added "sweep" and "loss_log_crc32"; version 2 files (without them) still load
+OLDEST_READ = 2
 LOSS_LOG = "losses.f32"
 ZIP_SIGNATURE = b"PK\x03\x04"  # how every zip archive, and so every .npz file, begins
 PARAM_DTYPE = np.dtype(np.float32)  # of parameters and statistics: every run trains in float32
-HEADER_FIELDS = {"format", "version", "step", "vocab", "model_config", "train_config", "has_stats", "data"}
+HEADER_FIELDS = {
+    2: {"format", "version", "step", "vocab", "model_config", "train_config", "has_stats", "data"},
+    3: {"format", "version", "step", "vocab", "model_config", "train_config", "has_stats", "data", "sweep",
+        "loss_log_crc32"},
+}  # fmt: skip
 
 
 class CheckpointError(JaxbirdsError, ValueError):
     """The checkpoint is missing, unreadable, or does not fit what it is loaded for."""
 
 
+class SweepMembers(NamedTuple):
+    """What differs between the models of a sweep's checkpoint, model by model (see :mod:`jaxbirds.sweep`)."""
+
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    diverged_at: tuple[int | None, ...]  # the first step whose loss was not finite; None: still training
+
+
 class Checkpoint(NamedTuple):
+    """A run's state on disk. A sweep's checkpoint (``sweep`` given) holds every model's parameters and
+    optimiser state stacked on a leading models axis, and its ``train_config`` holds what they share."""
+
     state: TrainState
     stats: BatchNormStats | None
     vocab: Vocabulary
     model_config: ModelConfig
     train_config: TrainConfig
     data: DataSource | None = None  # where the training names came from, and their fingerprint
+    sweep: SweepMembers | None = None
+    loss_log_crc32: int | None = None  # of the loss log's first ``state.step`` steps (see LossLog.read)
 
 
 class DataSource(NamedTuple):
@@ -116,6 +137,8 @@ def save(path: str | Path, checkpoint: Checkpoint) -> Path:
         "train_config": dataclasses.asdict(checkpoint.train_config),
         "has_stats": checkpoint.stats is not None,
         "data": checkpoint.data._asdict() if checkpoint.data else None,
+        "sweep": {k: list(v) for k, v in checkpoint.sweep._asdict().items()} if checkpoint.sweep else None,
+        "loss_log_crc32": checkpoint.loss_log_crc32,
     }
     arrays = {f"params/{name}": np.asarray(state.params[name]) for name in PARAM_NAMES}
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state.opt_state)):
@@ -204,11 +227,12 @@ def _decode(members: dict[str, bytes]) -> Checkpoint:
         raise CheckpointError(
             f"its vocabulary has {vocab.size} characters, its model_config.vocab_size is {model_config.vocab_size}"
         )
-    shapes = param_shapes(model_config)
-    template = jax.eval_shape(
-        train_config.make_optimizer().init, {name: jax.ShapeDtypeStruct(shapes[name], PARAM_DTYPE) for name in shapes}
-    )
-    opt_leaves, opt_tree = jax.tree_util.tree_flatten(template)
+    sweep = _sweep_members(header["sweep"], train_config)
+    if sweep is not None and header["has_stats"]:
+        raise CheckpointError("a sweep's checkpoint holds no batch-norm statistics, but its header says it does")
+    stack = () if sweep is None else (len(sweep.seeds),)
+    shapes = {name: (*stack, *shape) for name, shape in param_shapes(model_config).items()}
+    opt_leaves, opt_tree = jax.tree_util.tree_flatten(_optimizer_template(train_config, shapes, sweep))
     stats_shape = (1, model_config.hidden)
     expected = {f"params/{name}": (shape, PARAM_DTYPE) for name, shape in shapes.items()}
     expected |= {f"opt/{i:03d}": (leaf.shape, leaf.dtype) for i, leaf in enumerate(opt_leaves)}
@@ -216,15 +240,49 @@ def _decode(members: dict[str, bytes]) -> Checkpoint:
         expected |= {"stats/mean": (stats_shape, PARAM_DTYPE), "stats/var": (stats_shape, PARAM_DTYPE)}
     _check_names("members", set(members) - {"header.npy"}, {f"{name}.npy" for name in expected})
     arrays = {name: _array(members, name, shape, dtype) for name, (shape, dtype) in expected.items()}
-    for name, array in arrays.items():
-        if not name.startswith("opt/") and not np.isfinite(array).all():
+    training = slice(None) if sweep is None else [k for k, at in enumerate(sweep.diverged_at) if at is None]
+    for name, array in arrays.items():  # a diverged model of a sweep is frozen as it was: it may hold anything
+        if not name.startswith("opt/") and not np.isfinite(array[training] if stack else array).all():
             raise CheckpointError(f"{name} holds NaN or infinite values (a run saves only finite states)")
     arrays = jax.device_put(arrays)  # one transfer; jnp.asarray would compile a program per shape (~20 ms each)
     params = {name: arrays[f"params/{name}"] for name in PARAM_NAMES}
     opt_state = jax.tree_util.tree_unflatten(opt_tree, [arrays[f"opt/{i:03d}"] for i in range(len(opt_leaves))])
     stats = BatchNormStats(arrays["stats/mean"], arrays["stats/var"]) if header["has_stats"] else None
     data = DataSource(**header["data"]) if header["data"] is not None else None
-    return Checkpoint(TrainState(params, opt_state, header["step"]), stats, vocab, model_config, train_config, data)
+    state = TrainState(params, opt_state, header["step"])
+    return Checkpoint(state, stats, vocab, model_config, train_config, data, sweep, header["loss_log_crc32"])
+
+
+def _optimizer_template(train_config: TrainConfig, shapes: dict, sweep: SweepMembers | None):
+    """The optimiser state's leaves for parameters of ``shapes``, as shapes and dtypes (nothing computed): the
+    solo optimiser's, or for a sweep the models' stacked learning-rate-injected ones (:mod:`jaxbirds.sweep`)."""
+    params = {name: jax.ShapeDtypeStruct(shape, PARAM_DTYPE) for name, shape in shapes.items()}
+    if sweep is None:
+        return jax.eval_shape(train_config.make_optimizer().init, params)
+    return jax.eval_shape(jax.vmap(injected_optimizer(train_config).init), params)
+
+
+def _sweep_members(fields: object, train_config: TrainConfig) -> SweepMembers | None:
+    """The header's ``sweep`` field, checked: null, or a learning rate, a seed and a divergence step per model."""
+    if fields is None:
+        return None
+    if not (isinstance(fields, dict) and set(fields) == set(SweepMembers._fields)):
+        raise CheckpointError(f"its header's sweep is not an object of {', '.join(SweepMembers._fields)}")
+    rates, seeds, diverged = (fields[name] for name in SweepMembers._fields)
+    if (
+        not all(isinstance(v, list) for v in (rates, seeds, diverged))
+        or not len(rates) == len(seeds) == len(diverged)
+        or not rates
+    ):
+        raise CheckpointError("its header's sweep does not list a learning rate, a seed and a step for every model")
+    for lr, seed, at in zip(rates, seeds, diverged, strict=True):
+        try:
+            dataclasses.replace(train_config, learning_rate=lr, seed=seed)
+        except (JaxbirdsError, TypeError) as err:
+            raise CheckpointError(f"its header's sweep holds a model that is not valid: {err}") from None
+        if not (_is_int(seed) and (at is None or (_is_int(at) and at >= 0))):
+            raise CheckpointError(f"its header's sweep holds seed {seed!r} and divergence step {at!r}")
+    return SweepMembers(tuple(float(r) for r in rates), tuple(seeds), tuple(diverged))
 
 
 def _header(raw: bytes) -> dict:
@@ -244,10 +302,14 @@ def _header(raw: bytes) -> dict:
         raise CheckpointError(
             f"written by a newer jaxbirds (checkpoint format version {version}); this one reads version {VERSION}"
         )
-    if version < VERSION:
-        raise CheckpointError(f"an old checkpoint format (version {version}); this jaxbirds reads version {VERSION}")
-    _check_names("header fields", set(header), HEADER_FIELDS)
+    if version < OLDEST_READ:
+        raise CheckpointError(
+            f"an old checkpoint format (version {version}); this jaxbirds reads versions {OLDEST_READ} to {VERSION}"
+        )
+    _check_names("header fields", set(header), HEADER_FIELDS[version])
+    header = {"sweep": None, "loss_log_crc32": None, **header}  # version 2 had neither
     checks = {
+        "loss_log_crc32": (lambda crc: crc is None or (_is_int(crc) and 0 <= crc < 2**32), "null or a CRC-32"),
         "step": (lambda step: _is_int(step) and step >= 0, "a count of steps"),
         "vocab": (lambda vocab: isinstance(vocab, str), "a string of characters"),
         "has_stats": (lambda has_stats: isinstance(has_stats, bool), "true or false"),
@@ -324,27 +386,57 @@ def check_compatible(checkpoint: Checkpoint, vocab: Vocabulary, context_size: in
 
 
 class LossLog:
-    """The per-step loss history of a run: raw little-endian float32, one value per step, appended."""
+    """The per-step loss history of a run: raw little-endian float32, appended chunk by chunk.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    A run's log holds one value per step; a sweep's (``models=K``) holds the K models' losses of each
+    step, step after step, so that it too only grows at its end. :meth:`read` returns ``(steps,)``, or
+    ``(K, steps)`` for a sweep, and checks the CRC-32 of the bytes it returns when the checkpoint
+    recorded one (:attr:`Checkpoint.loss_log_crc32`): a log that is not the checkpoint's own, such as
+    the log of a run that a killed ``--overwrite`` was replacing, is an error, never a wrong history.
+    """
 
-    def read(self, steps: int) -> np.ndarray:
-        """The first ``steps`` losses; a :class:`CheckpointError` if the log holds fewer."""
+    def __init__(self, path: str | Path, models: int | None = None):
+        self.path, self.models = Path(path), models
+
+    @property
+    def _width(self) -> int:
+        return self.models or 1
+
+    def read(self, steps: int, crc32: int | None = None) -> np.ndarray:
+        """The first ``steps`` steps' losses; a :class:`CheckpointError` if the log holds fewer or, with
+        ``crc32``, if their bytes are not the ones the checkpoint counted."""
         data = np.fromfile(self.path, "<f4") if self.path.is_file() else np.zeros(0, "<f4")
-        if len(data) < steps:
-            raise CheckpointError(f"{self.path} holds {len(data):,} losses, the checkpoint {steps:,} steps")
-        return data[:steps].astype(np.float32)
+        held = len(data) // self._width
+        if held < steps:
+            raise CheckpointError(f"{self.path} holds {held:,} steps' losses, the checkpoint {steps:,} steps")
+        data = data[: steps * self._width]
+        if crc32 is not None and zlib.crc32(data.tobytes()) != crc32:
+            raise CheckpointError(
+                f"{self.path} does not hold this checkpoint's loss history (its first {steps:,} steps differ from "
+                "the ones the checkpoint counted: a run that replaced another was stopped between its first two "
+                "writes); start again with --overwrite"
+            )
+        data = data.astype(np.float32)
+        return data if self.models is None else data.reshape(steps, self.models).T
+
+    def crc32(self, steps: int) -> int:
+        """The CRC-32 of the first ``steps`` steps' bytes (what :meth:`read` checks)."""
+        return zlib.crc32(np.fromfile(self.path, "<f4", count=steps * self._width).tobytes()) if steps else 0
 
     def truncate(self, steps: int) -> None:
-        """Keep the first ``steps`` entries (creating an empty log if there is none)."""
+        """Keep the first ``steps`` steps (creating an empty log if there is none)."""
         with open(self.path, "ab") as f:
-            f.truncate(4 * steps)
+            f.truncate(4 * steps * self._width)
+
+    def encode(self, losses: np.ndarray) -> bytes:
+        """The bytes ``losses`` add to the log: ``(steps,)``, or ``(K, steps)`` for a sweep, step after step."""
+        losses = np.asarray(losses, "<f4")
+        return (losses if self.models is None else losses.T).tobytes()
 
     def append(self, losses: np.ndarray) -> None:
         """Append and make durable (fsync), before the checkpoint that counts these steps is written."""
         with open(self.path, "ab") as f:
-            f.write(np.asarray(losses, "<f4").tobytes())
+            f.write(self.encode(losses))
             f.flush()
             os.fsync(f.fileno())
 
@@ -355,20 +447,38 @@ class Writer:
     :meth:`submit` hands over a checkpoint and the losses of the steps since the
     last one and returns at once. The thread appends every batch of losses to
     the :class:`LossLog`, in order, and writes the newest checkpoint (a newer one
-    submitted meanwhile supersedes an older one not yet written). Nothing on
-    disk changes before the first submission: only then is the log cut to its
-    first ``keep`` entries (the history the run continues), so a run refused
-    before its first chunk leaves a saved run as it was. :meth:`close` waits for
-    everything submitted. An error on the thread stops the writer for good; it
-    is raised by :meth:`close` and by every later :meth:`submit`. ``seconds``
-    counts the time spent writing; ``steps_logged`` the log's length.
+    submitted meanwhile supersedes an older one not yet written), stamped with
+    the CRC-32 of the log's bytes up to its step. Nothing on disk changes before
+    the first submission: only then is the log cut to its first ``keep`` steps
+    (the history the run continues), so a run refused before its first chunk
+    leaves a saved run as it was.
+
+    A run that *replaces* another (``replacing``: ``--overwrite``) writes its first
+    checkpoint before it touches the old log, and calls ``after_first`` (which
+    removes the old run's other files) only once that checkpoint is on disk: a
+    kill at any moment leaves either the old run whole or the new one's first
+    checkpoint (whose log the CRC then refuses if the kill came before the log
+    was written: one chunk lost, never a wrong history).
+
+    :meth:`close` waits for everything submitted. An error on the thread stops
+    the writer for good; it is raised by :meth:`close` and by every later
+    :meth:`submit`. ``seconds`` counts the time spent writing; ``steps_logged``
+    the log's length; :attr:`crc32` the CRC-32 of the log once closed.
     """
 
-    def __init__(self, path: str | Path, log: LossLog, keep: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        log: LossLog,
+        keep: int = 0,
+        replacing: bool = False,
+        after_first: Callable[[], None] | None = None,
+    ):
         self.path, self.log = Path(path), log
         self.seconds = 0.0
         self.steps_logged = keep
-        self._keep, self._started = keep, False
+        self.crc32 = log.crc32(keep) if keep else 0
+        self._keep, self._started, self._replacing, self._after_first = keep, False, replacing, after_first
         self._pending: list[tuple[Checkpoint, np.ndarray]] = []
         self._error: BaseException | None = None
         self._closed = False
@@ -385,7 +495,7 @@ class Writer:
         with self._cv:
             self._raise_error()
             self._pending.append((checkpoint, np.array(new_losses, np.float32)))
-            self.steps_logged += len(new_losses)
+            self.steps_logged += np.shape(new_losses)[-1]
             self._cv.notify()
 
     def close(self) -> None:
@@ -410,12 +520,7 @@ class Writer:
                 batch, self._pending = self._pending, []
             t0 = time.perf_counter()
             try:
-                if not self._started:
-                    self.log.truncate(self._keep)
-                    self._started = True
-                for _, losses in batch:
-                    self.log.append(losses)
-                save(self.path, batch[-1][0])
+                self._write(batch)
             except BaseException as err:  # surfaced in the caller's thread
                 with self._cv:
                     self._error = err
@@ -423,3 +528,22 @@ class Writer:
                 return
             finally:
                 self.seconds += time.perf_counter() - t0
+
+    def _write(self, batch: list[tuple[Checkpoint, np.ndarray]]) -> None:
+        crc = self.crc32
+        for _, losses in batch:
+            crc = zlib.crc32(self.log.encode(losses), crc)
+        newest = batch[-1][0]._replace(loss_log_crc32=crc)
+        first, replace_first = not self._started, not self._started and self._replacing
+        if replace_first:  # the new run's first checkpoint replaces the old run's before its log is touched
+            save(self.path, newest)
+        if first:
+            self.log.truncate(self._keep)
+            self._started = True
+        for _, losses in batch:
+            self.log.append(losses)
+        if not replace_first:
+            save(self.path, newest)
+        self.crc32 = crc
+        if first and self._after_first is not None:
+            self._after_first()

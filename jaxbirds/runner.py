@@ -75,7 +75,8 @@ def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: Run
         loss_log.truncate(start.state.step)
     if good.step > logged:  # the log always holds at least the checkpoint's steps
         loss_log.append(result.losses[logged : good.step])
-    checkpoint.save(ckpt_path, start._replace(state=jax.device_get(good), stats=None))
+    crc = loss_log.crc32(good.step)
+    checkpoint.save(ckpt_path, start._replace(state=jax.device_get(good), stats=None, loss_log_crc32=crc))
     lr = start.train_config.learning_rate
     if good.step == result.diverged_at:
         say(
@@ -216,15 +217,20 @@ def run(
     ckpt_path = options.out / CHECKPOINT
     tc = start.train_config
     loss_log = LossLog(options.out / checkpoint.LOSS_LOG)
-    history = loss_log.read(start.state.step)  # nothing is written before the first chunk is done
-    writer = checkpoint.Writer(ckpt_path, loss_log, keep=start.state.step)
+    history = loss_log.read(start.state.step, start.loss_log_crc32)  # nothing is written before the first chunk
+    # A new run into an --out that holds a checkpoint replaces it (--overwrite): the old run's files go only
+    # once the new run's first checkpoint is on disk (see checkpoint.Writer).
+    replacing = start.state.step == 0 and ckpt_path.exists()
+    writer = checkpoint.Writer(
+        ckpt_path, loss_log, keep=start.state.step, replacing=replacing,
+        after_first=lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, checkpoint.LOSS_LOG)),
+    )  # fmt: skip
     recent = collections.deque(maxlen=options.log_every)
     next_log = [start.state.step + options.log_every]
 
     def on_chunk(progress: train.Progress, state: train.TrainState, chunk_losses: np.ndarray) -> None:
-        if not writer.started:  # the results of a run this one replaces no longer describe --out
+        if not writer.started:
             outputs.make_dir(options.out)
-            outputs.remove_stale(options.out, keep=(CHECKPOINT, checkpoint.LOSS_LOG))
         try:
             writer.submit(start._replace(state=state, stats=None), chunk_losses)
         except OSError as err:
@@ -293,7 +299,7 @@ def run(
     if problem is not None:
         return _diverged_in_evaluation(problem, result, start, options, plot, helper, say)
     t0 = time.perf_counter()
-    final = start._replace(state=jax.device_get(result.state), stats=stats)
+    final = start._replace(state=jax.device_get(result.state), stats=stats, loss_log_crc32=writer.crc32)
     checkpoint.save(ckpt_path, final)
     phases["saving"] = time.perf_counter() - t0
     say(

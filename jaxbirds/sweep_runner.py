@@ -172,8 +172,9 @@ def _save_best(result, k, m: Member, evaluation, dataset, model_config, train_co
     log = LossLog(options.out / checkpoint.LOSS_LOG)
     log.truncate(0)
     log.append(result.losses[k])
-    checkpoint.save(options.out / runner.CHECKPOINT,
-                    Checkpoint(state, evaluation.stats, dataset.vocab, model_config, solo, source))  # fmt: skip
+    saved = Checkpoint(state, evaluation.stats, dataset.vocab, model_config, solo, source,
+                       loss_log_crc32=log.crc32(result.step))  # fmt: skip
+    checkpoint.save(options.out / runner.CHECKPOINT, saved)
 
 
 def _loss(value) -> str:

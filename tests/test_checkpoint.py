@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT
 
 from jaxbirds import checkpoint, evaluate, model, train
-from jaxbirds.checkpoint import VERSION, Checkpoint, CheckpointError, DataSource, LossLog
+from jaxbirds.checkpoint import OLDEST_READ, VERSION, Checkpoint, CheckpointError, DataSource, LossLog
 from jaxbirds.data import Vocabulary
 
 
@@ -103,7 +103,7 @@ def test_loss_log_appends_reads_and_truncates(tmp_path):
     log.truncate(1)  # a chunk whose checkpoint never landed is cut off before a resume appends
     log.append(np.array([9.0], np.float32))
     np.testing.assert_array_equal(log.read(2), [3.0, 9.0])
-    with pytest.raises(CheckpointError, match="holds 2 losses"):
+    with pytest.raises(CheckpointError, match="holds 2 steps. losses"):
         log.read(3)
 
 
@@ -221,8 +221,8 @@ REFUSED_EDITS = [
     (header_field("format", "other-checkpoint"), "not a jaxbirds-checkpoint file"),
     (header_field("version", VERSION + 1),
      rf"written by a newer jaxbirds \(checkpoint format version {VERSION + 1}\); this one reads version {VERSION}"),
-    (header_field("version", VERSION - 1), rf"old checkpoint format \(version {VERSION - 1}\)"),
-    (header_field("version", str(VERSION)), "version '2' is not an integer"),
+    (header_field("version", OLDEST_READ - 1), rf"old checkpoint format \(version {OLDEST_READ - 1}\)"),
+    (header_field("version", str(VERSION)), f"version '{VERSION}' is not an integer"),
     (lambda arrays, header: header.pop("step"), "header fields are not a checkpoint's: missing step"),
     (header_field("comment", "hand-edited"), "header fields are not a checkpoint's: unexpected comment"),
     (header_field("step", -1), "step is -1, not a count of steps"),
@@ -333,3 +333,72 @@ def test_sample_script_reports_an_unreadable_checkpoint_in_one_line(tmp_path, sm
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert str(path) in done.stderr and "Traceback" not in done.stderr and not done.stdout
+
+
+def test_a_version_2_checkpoint_still_loads(tmp_path, small):
+    """Version 3 added the sweep's members and the loss log's CRC-32; a version 2 file has neither."""
+
+    def as_version_2(arrays, header):
+        del header["sweep"], header["loss_log_crc32"]
+        header["version"] = 2
+
+    source, original = small
+    loaded = checkpoint.load(rewritten(source, tmp_path / "c.npz", as_version_2))
+    assert_same_checkpoint(loaded, original)
+    assert loaded.sweep is None and loaded.loss_log_crc32 is None
+
+
+def test_a_loss_log_that_is_not_the_checkpoint_s_own_is_refused(tmp_path):
+    log = LossLog(tmp_path / "losses.f32")
+    log.append(np.array([3.0, 2.5, 2.0], np.float32))
+    crc = log.crc32(2)
+    np.testing.assert_array_equal(log.read(2, crc), [3.0, 2.5])
+    other = LossLog(tmp_path / "other.f32")
+    other.append(np.array([3.0, 2.4], np.float32))
+    with pytest.raises(CheckpointError, match="does not hold this checkpoint's loss history"):
+        other.read(2, crc)
+
+
+def test_a_sweep_log_holds_each_step_s_losses_of_every_model(tmp_path):
+    log = LossLog(tmp_path / "sweep.f32", models=2)
+    log.append(np.array([[1.0, 2.0], [10.0, 20.0]], np.float32))  # (models, steps)
+    log.append(np.array([[3.0], [30.0]], np.float32))
+    np.testing.assert_array_equal(np.fromfile(log.path, "<f4"), [1, 10, 2, 20, 3, 30])  # step after step
+    np.testing.assert_array_equal(log.read(2), [[1, 2], [10, 20]])
+    log.truncate(1)
+    np.testing.assert_array_equal(log.read(1, log.crc32(1)), [[1], [10]])
+
+
+def test_a_replacing_writer_writes_the_new_checkpoint_before_it_touches_the_old_log(tmp_path, small, monkeypatch):
+    """--overwrite: kill the writer right after its first checkpoint: the old log is untouched and the new
+    checkpoint's CRC refuses it (one chunk lost, never a wrong history); the old run's other files stay
+    until the new checkpoint is on disk."""
+    source, original = small
+    path, log = tmp_path / "checkpoint.npz", LossLog(tmp_path / "losses.f32")
+    log.append(np.array([9.0, 9.0, 9.0], np.float32))  # the old run's history
+    events = []
+    real_save = checkpoint.save
+
+    def save_then_die(*args):
+        real_save(*args)
+        events.append(("saved", log.path.stat().st_size))
+        raise KeyboardInterrupt  # stands for a kill -9 between the two writes
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    writer = checkpoint.Writer(path, log, replacing=True, after_first=lambda: events.append("after"))
+    new = original._replace(state=original.state._replace(step=2))
+    writer.submit(new, np.array([1.0, 0.5], np.float32))
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    assert events == [("saved", 12)]  # the old log was whole when the new checkpoint landed; no clean-up yet
+    saved = checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="does not hold this checkpoint's loss history"):
+        log.read(saved.state.step, saved.loss_log_crc32)
+
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    writer = checkpoint.Writer(path, log, replacing=True, after_first=lambda: events.append("after"))
+    writer.submit(new, np.array([1.0, 0.5], np.float32))
+    writer.close()
+    saved = checkpoint.load(path)
+    np.testing.assert_array_equal(log.read(saved.state.step, saved.loss_log_crc32), [1.0, 0.5])
+    assert events[-1] == "after" and saved.loss_log_crc32 == writer.crc32
