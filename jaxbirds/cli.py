@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -18,7 +19,7 @@ import filelock
 import jax
 
 from jaxbirds import model, train
-from jaxbirds.errors import JaxbirdsError
+from jaxbirds.errors import ConfigError, JaxbirdsError
 from jaxbirds.train import SEED_LIMIT
 
 
@@ -280,3 +281,46 @@ def given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
     """The fields whose flags were given on the command line (the training flags default to None)."""
     values = {field: getattr(args, flag.lstrip("-").replace("-", "_"), None) for field, flag in flags.items()}
     return {field: value for field, value in values.items() if value is not None}
+
+
+def resumed_config(asked: dict, saved, changeable: Sequence[str]) -> tuple[train.TrainConfig, list[str]]:
+    """The saved run's (or sweep's) training config with the changes ``asked`` for, and a line per change.
+
+    Args:
+      asked: the fields whose flags were given (:func:`given` of :data:`TRAIN_FLAGS` and :data:`MODEL_FLAGS`).
+      saved: the :class:`~jaxbirds.checkpoint.Checkpoint` being resumed.
+      changeable: the fields that may change on ``--resume`` (a flag for any other field must repeat the saved
+        value, or be left out).
+
+    Raises:
+      ConfigError: a flag asks to change a field that belongs to the saved run, or ``--steps`` is below the
+        saved step.
+    """
+    tc, mc = saved.train_config, saved.model_config
+    saved_values = {**dataclasses.asdict(tc), **dataclasses.asdict(mc)}
+    flags = {**TRAIN_FLAGS, **MODEL_FLAGS}
+    refused = [
+        f"{flags[field]} {value} (the run's is {saved_values[field]})"
+        for field, value in asked.items()
+        if field not in changeable and value != saved_values[field]
+    ]
+    if refused:
+        raise ConfigError(
+            "these settings are fixed for a saved run and cannot change on --resume: "
+            + "; ".join(refused)
+            + ". Start a new run with another --out (or --overwrite) instead"
+        )
+    changes = {field: value for field, value in asked.items() if field in changeable}
+    if changes.get("steps", tc.steps) < saved.state.step:
+        raise ConfigError(f"--steps {changes['steps']:,} is below the saved run's step {saved.state.step:,}")
+    new_tc = dataclasses.replace(tc, **changes)
+    described = [
+        f"{TRAIN_FLAGS[field]} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
+        for field in changeable
+        if getattr(tc, field) != getattr(new_tc, field)
+    ]
+    return new_tc, described
+
+
+def _number(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"

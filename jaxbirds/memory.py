@@ -88,11 +88,27 @@ def compiled_bytes(compiled) -> int | None:
     )
 
 
-def require_compiled(compiled, what: str, hint: str, budget: int | None = None) -> None:
-    """:func:`require` with the program's own figure from :func:`compiled_bytes`."""
+def require_compiled(compiled, what: str, hint: str, budget: int | None = None, copies: int = 1) -> None:
+    """:func:`require` with the program's own figure from :func:`compiled_bytes`, times ``copies``: the
+    devices that run it in one memory (:func:`devices_sharing_memory`; XLA's analysis of a sharded program
+    is the need of one device)."""
     needed = compiled_bytes(compiled)
     if needed is not None:
-        require(needed, what, hint, budget)
+        where = f" on each of {copies} devices that share this machine's memory" if copies > 1 else ""
+        require(needed * copies, what + where, hint, budget)
+
+
+def devices_sharing_memory(devices) -> int:
+    """How many of ``devices`` draw on the memory the budget is taken from: on a CPU, every host device of
+    this process (``--xla_force_host_platform_device_count`` splits one memory into several devices); on an
+    accelerator, one (each has its own memory, and the budget is the first device's)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    return max(1, len(local)) if local and local[0].platform == "cpu" else 1
+
+
+def more_devices_help(devices) -> bool:
+    """Whether more devices would give a program more memory: not on a CPU, whose devices share one."""
+    return devices_sharing_memory(devices) == 1 and next(iter(devices)).platform != "cpu"
 
 
 def rows_within(bytes_per_row: float, fixed_bytes: float, most: int, budget: int | None = None) -> int:

@@ -42,14 +42,17 @@ METRICS = "metrics.json"
 LOSS_PLOT = "loss.png"
 SWEEP_JSON = "sweep.json"
 SWEEP_PLOT = "sweep.png"
+SWEEP_STATE = "sweep-state.npz"
+SWEEP_LOSSES = "sweep-losses.f32"
 
 #: The lock a run holds on its output directory (:func:`claimed`); it stays in the directory, unlocked.
 LOCK = ".jaxbirds.lock"
 
 #: What ``scripts/train.py`` writes: the state, the loss history, the results and their picture.
 RUN_FILES = (CHECKPOINT, LOSS_LOG, METRICS, LOSS_PLOT)
-#: What ``scripts/sweep.py`` writes: its report and figure, and its best model as a run's state and history.
-SWEEP_FILES = (SWEEP_JSON, SWEEP_PLOT, CHECKPOINT, LOSS_LOG)
+#: What ``scripts/sweep.py`` writes: every model's state and loss history after every chunk (its checkpoint,
+#: which ``--resume`` continues), its report and figure, and its best model as a run's state and history.
+SWEEP_FILES = (SWEEP_STATE, SWEEP_LOSSES, SWEEP_JSON, SWEEP_PLOT, CHECKPOINT, LOSS_LOG)
 #: Every file of an output directory: what a new run of either kind replaces.
 ALL_FILES = tuple(dict.fromkeys(RUN_FILES + SWEEP_FILES))
 
@@ -103,15 +106,18 @@ def make_dir(path: Path) -> Path:
     return Path(path)
 
 
-def prepare(out: Path, saved: Sequence[str], what: str, resume: bool | None = None, overwrite: bool = False) -> None:
+def prepare(
+    out: Path, saved: Sequence[str], what: str, state: str, resume: bool = False, overwrite: bool = False
+) -> None:
     """The up-front check of an output directory, before any work.
 
     Args:
       out: the output directory (it need not exist).
       saved: the files whose presence means ``out`` holds results that a new run must not replace unasked.
       what: what the script calls its own results, for the message ("a saved run", "results").
-      resume: the run continues the one saved in ``out`` (nothing is replaced); None for a script that
-        cannot resume (it is not offered in the message).
+      state: the checkpoint the script's ``--resume`` continues (:data:`CHECKPOINT`, :data:`SWEEP_STATE`):
+        the message offers ``--resume`` when ``out`` holds one.
+      resume: the run continues the one saved in ``out`` (nothing is replaced).
       overwrite: the user asked to replace what ``out`` holds.
 
     Raises:
@@ -125,7 +131,7 @@ def prepare(out: Path, saved: Sequence[str], what: str, resume: bool | None = No
             raise OutputError(f"{out / name} is a directory; a run writes (or replaces) a file there")
     found = [out / name for name in saved if (out / name).exists()]
     if found and not (resume or overwrite):
-        resumable = resume is not None and (out / CHECKPOINT).exists()
+        resumable = (out / state).exists()
         advice = "pass --resume to continue it, --overwrite to replace it," if resumable else "pass --overwrite,"
         raise OutputError(f"{out} already holds {what} ({found[0]}); {advice} or another --out")
 

@@ -33,10 +33,10 @@ from typing import TextIO
 import jax
 import numpy as np
 
-from jaxbirds import checkpoint, divergence, evaluate, model, outputs, plots, sample, train
+from jaxbirds import checkpoint, data, divergence, evaluate, model, outputs, plots, sample, train
 from jaxbirds.checkpoint import Checkpoint, LossLog
 from jaxbirds.data import Dataset
-from jaxbirds.errors import OutputError
+from jaxbirds.errors import ConfigError, OutputError
 
 CHECKPOINT, METRICS, LOSS_PLOT = outputs.CHECKPOINT, outputs.METRICS, outputs.LOSS_PLOT
 check_writable_dir, check_writable_file = outputs.check_writable_dir, outputs.check_writable_file
@@ -60,10 +60,30 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def load_resumable(path: Path, data_path: Path | None) -> tuple[Checkpoint, Dataset]:
+    """A saved run (or sweep) to continue, and its data: ``data_path``, by default the data it was trained on.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read, or does not fit the data's vocabulary and context.
+      ConfigError: the data are not the ones it was trained on (their SHA-256 differs): they are fixed for a
+        saved run.
+    """
+    saved = checkpoint.load(path)
+    data_path = data_path or (Path(saved.data.path) if saved.data else data.DEFAULT_DATA_PATH)
+    dataset = data.load_dataset(data_path, saved.model_config.context_size)
+    checkpoint.check_compatible(saved, dataset.vocab, dataset.context_size)
+    if saved.data and saved.data.sha256 != dataset.sha256:
+        raise ConfigError(
+            f"{data_path} is not the data this run was trained on ({saved.data.path}, sha256 "
+            f"{saved.data.sha256[:12]}...): the data are fixed for a saved run"
+        )
+    return saved, dataset
+
+
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start a new run over saved results unless asked to; check that ``out`` and every file a
     run may write or remove there can be written (:func:`jaxbirds.outputs.prepare`). Creates nothing."""
-    outputs.prepare(out, outputs.ALL_FILES, "a saved run", resume=resume, overwrite=overwrite)
+    outputs.prepare(out, outputs.ALL_FILES, "a saved run", outputs.CHECKPOINT, resume=resume, overwrite=overwrite)
 
 
 def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: RunOptions, say) -> int:

@@ -36,7 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbirds import divergence, evaluate, memory, model, train
+from jaxbirds import distributed, divergence, evaluate, memory, model, train
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig
 from jaxbirds.train import TrainConfig
@@ -65,8 +65,13 @@ def grid(learning_rates: Sequence[float], seeds: Sequence[int]) -> tuple[Member,
     for seed in seeds:
         if not 0 <= seed < train.SEED_LIMIT:
             raise ConfigError(f"seeds must be integers from 0 to {train.SEED_LIMIT - 1:,}, got {seed!r}")
-    if len(set(learning_rates)) < len(learning_rates) or len(set(seeds)) < len(seeds):
-        raise ConfigError("a learning rate or a seed is given twice: every model of a sweep must differ")
+    # Learning rates are compared as the program holds them: 0.1 and 0.1000000001 are one float32, one model.
+    as_used = [float(np.float32(lr)) for lr in learning_rates]
+    if len(set(as_used)) < len(as_used) or len(set(seeds)) < len(seeds):
+        raise ConfigError(
+            "a learning rate or a seed is given twice (learning rates are compared in float32, as the models use "
+            "them): every model of a sweep must differ"
+        )
     return tuple(Member(float(lr), int(seed)) for lr in learning_rates for seed in seeds)
 
 
@@ -79,15 +84,33 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
     return [float(f"{v:.6g}") for v in np.geomspace(low, high, count)]
 
 
-def choose_devices(models: int, requested: int | None, available: int) -> int:
+def choose_devices(models: int, requested: int | None, available: int, processes: int = 1) -> int:
     """How many devices to split ``models`` over: ``requested``, checked, or by default the most
-    that divide the models evenly."""
+    that divide the models evenly.
+
+    Args:
+        models: the number of models of the sweep.
+        requested: ``--devices``, or None for the default.
+        available: the devices every process has, counted over all of them (``jax.devices()``).
+        processes: ``jax.process_count()``. The mesh takes the same number of devices from every
+            process (:func:`make_mesh`), so the count must be a multiple of it, and at most
+            ``processes`` times the fewest devices of one process.
+    """
+    if models % processes:
+        raise ConfigError(
+            f"{models} models do not split evenly over {processes} processes (each trains the same number): "
+            f"give a grid whose size is a multiple of {processes}"
+        )
+    fits = [d for d in range(processes, available + 1, processes) if models % d == 0]
     if requested is None:
-        return max(d for d in range(1, min(models, available) + 1) if models % d == 0)
+        return max(fits)
+    where = "this machine has" if processes == 1 else f"the {processes} processes have, between them,"
     if requested < 1 or requested > available:
-        raise ConfigError(f"--devices {requested}: this machine has {available} device(s)")
+        raise ConfigError(f"--devices {requested}: {where} {available} device(s)")
+    if requested % processes:
+        raise ConfigError(f"--devices {requested} do not split evenly over {processes} processes: pass a multiple "
+                          f"of {processes} ({' or '.join(map(str, fits))})")  # fmt: skip
     if models % requested:
-        fits = [d for d in range(1, available + 1) if models % d == 0]
         raise ConfigError(
             f"{models} models do not split evenly over {requested} devices: pass --devices "
             f"{' or '.join(map(str, fits))}, or a grid whose size is a multiple of {requested}"
@@ -96,8 +119,18 @@ def choose_devices(models: int, requested: int | None, available: int) -> int:
 
 
 def make_mesh(devices: int) -> Mesh:
-    """A one-axis mesh over the first ``devices`` devices (of every host, after ``jax.distributed``)."""
-    return Mesh(np.array(jax.devices()[:devices]), (MODELS,))
+    """A one-axis mesh of ``devices`` devices: the first ``devices / P`` of each of the ``P`` processes
+    (after ``jax.distributed.initialize()``), in process order, so that every process holds the same
+    number of models. With one process, its first ``devices``."""
+    processes = jax.process_count()
+    local = [[d for d in jax.devices() if d.process_index == p] for p in range(processes)]
+    each, rest = divmod(devices, processes)
+    if rest or not 0 < each <= min(map(len, local)):
+        raise ConfigError(
+            f"{devices} devices do not split evenly over {processes} process(es) with "
+            f"{', '.join(str(len(d)) for d in local)} device(s)"
+        )
+    return Mesh(np.array([d for process in local for d in process[:each]]), (MODELS,))
 
 
 def injected_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
@@ -208,6 +241,15 @@ class Progress:
     diverged: int
 
 
+class SweepState(NamedTuple):
+    """What a sweep's checkpoint saves after a chunk: every model's state, stacked, on the host."""
+
+    params: model.Params  # each leaf (K, ...)
+    opt_states: optax.OptState  # each leaf (K, ...): inject_hyperparams states
+    step: int
+    diverged_at: tuple[int | None, ...]  # per model: the first step whose loss was not finite, or None
+
+
 class SweepResult(NamedTuple):
     params: model.Params  # stacked on the models axis, host copies
     opt_states: optax.OptState  # stacked, host copies (inject_hyperparams states)
@@ -227,13 +269,23 @@ def train_models(
     train_config: TrainConfig,
     members: Sequence[Member],
     mesh: Mesh,
-    on_chunk: Callable[[Progress], None] | None = None,
+    on_chunk: Callable[[Progress, SweepState, np.ndarray], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     memory_budget: int | None = None,
     group: int = GROUP,
+    start: SweepState | None = None,
+    losses_so_far: np.ndarray | None = None,
 ) -> SweepResult:
     """Train every member to ``train_config.steps`` (its ``learning_rate`` and ``seed`` are ignored:
-    each member brings its own), in compiled chunks, split over ``mesh``'s devices."""
+    each member brings its own), in compiled chunks, split over ``mesh``'s devices.
+
+    Args:
+      on_chunk: called after every chunk with the progress, a host copy of the state (for a checkpoint)
+        and the chunk's losses, (K, chunk steps), NaN for a diverged model.
+      start: a saved state to continue (a sweep's checkpoint) instead of initialising the members;
+        ``losses_so_far`` (K, ``start.step``) its loss history. Batches depend only on the seed and
+        the step, so a resumed sweep ends where an uninterrupted one does.
+    """
     if len(Y) < 1:
         raise ConfigError("there are no training examples")
     tc, count = train_config, len(members)
@@ -242,6 +294,8 @@ def train_models(
     check_fits(model_config, tc, count, memory_budget)
     per_model, shared = NamedSharding(mesh, P(MODELS)), NamedSharding(mesh, P())
     params, opt_states, data_keys = init_models(model_config, tc, members, per_model)
+    if start is not None:
+        params, opt_states = jax.device_put((start.params, start.opt_states), per_model)
     X, Y = jax.device_put((np.asarray(X), np.asarray(Y)), shared)  # the same on every device
     length = min(tc.chunk_size, tc.steps)
     stops = np.full(count, 0, np.int32)
@@ -249,17 +303,22 @@ def train_models(
     t0 = time.perf_counter()
     args = (params, opt_states, jnp.int32(0), jax.device_put(stops, per_model), X, Y, data_keys)
     chunk = compile_models_chunk(tc, length, mesh, *args, group=group)
+    devices = list(mesh.devices.flat)
     memory.require_compiled(
         chunk, f"a sweep chunk of {count:,} models × {length:,} steps at batch {tc.batch_size:,}",
-        "use fewer models, a smaller --chunk or --batch-size, or more --devices", memory_budget,
+        "use fewer models, a smaller --chunk or --batch-size"
+        + (", or more --devices" if memory.more_devices_help(devices) else ""),
+        memory_budget, copies=memory.devices_sharing_memory(devices),
     )  # fmt: skip
     compile_seconds = time.perf_counter() - t0
 
     losses = np.full((count, tc.steps), np.nan, np.float32)
-    diverged_at: list[int | None] = [None] * count
-    step, train_seconds, model_steps, stopped = 0, 0.0, 0, False
+    diverged_at: list[int | None] = [None] * count if start is None else list(start.diverged_at)
+    step, train_seconds, model_steps, stopped = 0 if start is None else start.step, 0.0, 0, False
+    if start is not None:
+        losses[:, :step] = losses_so_far
     while step < tc.steps:
-        end = min(step + length, tc.steps)
+        first, end = step, min(step + length, tc.steps)
         # A diverged model's stop lies behind it: it stays as it is, and its losses are ignored.
         stops = np.array([end if d is None else 0 for d in diverged_at], np.int32)
         t0 = time.perf_counter()
@@ -285,10 +344,12 @@ def train_models(
             alive = sum(d is None for d in diverged_at)
             rate = model_steps / train_seconds if train_seconds > 0 else float("inf")
             eta = alive * (tc.steps - step) / rate if rate > 0 else float("nan")
-            on_chunk(Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive))
+            progress = Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive)
+            state = SweepState(*jax.tree.map(to_host, (params, opt_states)), step, tuple(diverged_at))
+            on_chunk(progress, state, losses[:, first:step])
         if all(d is not None for d in diverged_at):
             break  # nothing is left to train
-        if should_stop():
+        if distributed.any_process(should_stop()):  # a stop that reaches any process stops them all here
             stopped = True
             break
     host_params, host_states = jax.tree.map(to_host, (params, opt_states))
@@ -300,11 +361,9 @@ def train_models(
 
 def to_host(x: jax.Array) -> np.ndarray:
     """A copy of every value of a (global) array on this host; after ``jax.distributed.initialize()``
-    the blocks of the other hosts are gathered too (``process_allgather``)."""
+    the blocks of the other processes are gathered too (a collective: every process calls it)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return distributed.allgather(x, tiled=True)
     return np.array(x, copy=True)
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,14 +31,16 @@ from typing import TextIO
 
 import jax
 
-from jaxbirds import checkpoint, divergence, outputs, plots, runner, sweep, train
-from jaxbirds.checkpoint import Checkpoint, DataSource, LossLog
+from jaxbirds import checkpoint, cli, divergence, outputs, plots, runner, sweep, train
+from jaxbirds.checkpoint import Checkpoint, CheckpointError, DataSource, LossLog, SweepMembers
 from jaxbirds.data import Dataset
+from jaxbirds.errors import OutputError
 from jaxbirds.model import ModelConfig
 from jaxbirds.sweep import Member
 from jaxbirds.train import TrainConfig
 
 SWEEP_JSON, SWEEP_PLOT = outputs.SWEEP_JSON, outputs.SWEEP_PLOT
+SWEEP_STATE, SWEEP_LOSSES = outputs.SWEEP_STATE, outputs.SWEEP_LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +51,35 @@ class SweepOptions:
     log_every: int = 10_000
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
+#: On --resume, these may change for a sweep; its grid (learning rates and seeds) and every other
+#: setting belong to it, as for a run (scripts/train.py --resume), and so do its data.
+CHANGEABLE = ("steps", "decay_step", "chunk_size")
+
+
+def load_resumable(out: Path, data_path: Path | None, asked: dict) -> tuple[Checkpoint, Dataset, list[str]]:
+    """The sweep saved in ``out`` with the changes ``asked`` for (``cli.given`` of the training flags), its
+    data, and a line per change; its members are ``checkpoint.sweep``'s.
+
+    Raises:
+      CheckpointError: no readable sweep checkpoint in ``out`` (a run's checkpoint is not one).
+      ConfigError: a flag asks to change what belongs to the sweep (see :data:`CHANGEABLE`), or other data.
+    """
+    saved, dataset = runner.load_resumable(Path(out) / SWEEP_STATE, data_path)
+    if saved.sweep is None:
+        raise CheckpointError(f"{Path(out) / SWEEP_STATE} holds a single run, not a sweep")
+    train_config, described = cli.resumed_config(asked, saved, CHANGEABLE)
+    return saved._replace(train_config=train_config), dataset, described
+
+
+def members_of(saved: Checkpoint) -> tuple[Member, ...]:
+    """The models of a saved sweep, in its order."""
+    return tuple(Member(lr, seed) for lr, seed in zip(saved.sweep.learning_rates, saved.sweep.seeds, strict=True))
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to replace saved results (a sweep's or a run's) unless asked to; check that every file a sweep
     may write or remove can be written (:func:`jaxbirds.outputs.prepare`). Creates nothing."""
-    outputs.prepare(out, outputs.ALL_FILES, "results", overwrite=overwrite)
+    outputs.prepare(out, outputs.ALL_FILES, "results", SWEEP_STATE, resume=resume, overwrite=overwrite)
 
 
 def run(
@@ -62,11 +90,16 @@ def run(
     options: SweepOptions,
     should_stop: Callable[[], bool] = lambda: False,
     log: TextIO | None = None,
+    resume_from: Checkpoint | None = None,
 ) -> int:
-    """Train, evaluate and report a sweep; returns an exit code (0, or 130 if interrupted).
+    """Train, evaluate and report a sweep; returns an exit code (0, 1 if every model diverged, 130 if
+    interrupted).
 
-    After ``jax.distributed.initialize()``, every process trains its devices' models and evaluates
-    all of them; only the first process prints and writes files."""
+    Every model's state and losses are saved after every chunk, on a background thread (:data:`SWEEP_STATE`,
+    :data:`SWEEP_LOSSES`): a crash loses at most one chunk, and ``resume_from`` (that checkpoint, loaded)
+    continues the sweep to where an uninterrupted one ends. After ``jax.distributed.initialize()``, every
+    process trains its devices' models and evaluates all of them; only the first process prints and writes
+    files (every process reads ``resume_from``)."""
     if jax.process_index() != 0:
         log, options = None, dataclasses.replace(options, plot=False)
     say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
@@ -74,9 +107,27 @@ def run(
         plots.require()
     t_start = time.perf_counter()
     mesh = sweep.make_mesh(options.devices)
-    next_log = [options.log_every]
+    start, history = None, None
+    if resume_from is not None:
+        s = resume_from.state
+        start = sweep.SweepState(s.params, s.opt_state, s.step, resume_from.sweep.diverged_at)
+        history = LossLog(options.out / SWEEP_LOSSES, len(members)).read(s.step, resume_from.loss_log_crc32)
+    next_log = [(0 if start is None else start.step) // options.log_every * options.log_every + options.log_every]
+    writer = _state_writer(options, len(members), start) if jax.process_index() == 0 else None
+    source = DataSource(dataset.source, dataset.sha256)
+    rates, seeds = tuple(m.learning_rate for m in members), tuple(m.seed for m in members)
 
-    def on_chunk(progress: sweep.Progress) -> None:
+    def on_chunk(progress: sweep.Progress, state: sweep.SweepState, chunk_losses) -> None:
+        if writer is not None:
+            outputs.make_dir(options.out)
+            saved = Checkpoint(
+                train.TrainState(state.params, state.opt_states, state.step), None, dataset.vocab, model_config,
+                train_config, source, SweepMembers(rates, seeds, state.diverged_at),
+            )  # fmt: skip
+            try:
+                writer.submit(saved, chunk_losses)
+            except OSError as err:
+                raise OutputError(f"cannot save the sweep's checkpoint {options.out / SWEEP_STATE}: {err}") from None
         if progress.step >= next_log[0] or progress.step == progress.total:
             next_log[0] = (progress.step // options.log_every + 1) * options.log_every
             diverged = f"  ({progress.diverged} diverged)" if progress.diverged else ""
@@ -87,9 +138,17 @@ def run(
                 f"ETA {runner.format_seconds(progress.eta_seconds)}{diverged}"
             )
 
-    result = sweep.train_models(
-        dataset.train.X, dataset.train.Y, model_config, train_config, members, mesh, on_chunk, should_stop
-    )
+    try:
+        result = sweep.train_models(
+            dataset.train.X, dataset.train.Y, model_config, train_config, members, mesh, on_chunk, should_stop,
+            start=start, losses_so_far=history,
+        )  # fmt: skip
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError as err:
+                raise OutputError(f"cannot save the sweep's checkpoint {options.out / SWEEP_STATE}: {err}") from None
     rate = result.model_steps / result.train_seconds if result.train_seconds > 0 else float("nan")
     say(
         f"trained {len(members)} models × {result.step:,} steps in {result.train_seconds:.1f} s "
@@ -115,9 +174,9 @@ def run(
 
     if jax.process_index() != 0:
         return runner.INTERRUPTED if result.stopped else runner.OK
-    # Evaluated: what a run there before wrote no longer describes --out (and --overwrite was given).
+    # Evaluated: the results written before, by an earlier part of this sweep, are replaced.
     outputs.make_dir(options.out)
-    outputs.remove_stale(options.out)
+    outputs.remove_stale(options.out, keep=(SWEEP_STATE, SWEEP_LOSSES))
     if best is not None:
         _save_best(result, best, members[best], evaluations[best], dataset, model_config, train_config, options)
         say(f"saved the best model (lr {members[best].learning_rate:g}, seed {members[best].seed}) as "
@@ -153,13 +212,26 @@ def run(
     os.replace(tmp, options.out / SWEEP_JSON)
     say(f"wrote {options.out / SWEEP_JSON} in {runner.format_seconds(report['timing']['total_seconds'])}")
     if result.stopped:
-        say(f"interrupted at step {result.step:,}: the results above are for the steps trained so far")
+        say(
+            f"interrupted at step {result.step:,}: the results above are for the steps trained so far; continue "
+            f"with python scripts/sweep.py --resume --out {shlex.quote(str(options.out))}"
+        )
         return runner.INTERRUPTED
     if best is None:
         say("error: every model diverged, so no model was saved (sweep.json says where each one did); "
             "try lower learning rates (--lr, --lr-range)")  # fmt: skip
         return runner.DIVERGED
     return runner.OK
+
+
+def _state_writer(options: SweepOptions, models: int, start: sweep.SweepState | None) -> checkpoint.Writer:
+    """The background writer of the sweep's checkpoint. A new sweep into an ``--out`` that held results
+    (``--overwrite``) removes them only once its first checkpoint is on disk (see :class:`checkpoint.Writer`)."""
+    return checkpoint.Writer(
+        options.out / SWEEP_STATE, LossLog(options.out / SWEEP_LOSSES, models), keep=0 if start is None else start.step,
+        replacing=start is None,
+        after_first=lambda: outputs.remove_stale(options.out, keep=(SWEEP_STATE, SWEEP_LOSSES)),
+    )  # fmt: skip
 
 
 def _save_best(result, k, m: Member, evaluation, dataset, model_config, train_config, options) -> None:

@@ -13,21 +13,38 @@ Devices: on a CPU, this script splits the host into one XLA device per core
 before JAX starts (XLA_FLAGS=--xla_force_host_platform_device_count=N, unless
 XLA_FLAGS already sets it), and the models are split evenly over --devices of
 them (default: as many as divide the number of models). On GPUs, --devices
-counts GPUs. After jax.distributed.initialize(), the devices of every host.
+counts GPUs.
 
-Writes sweep.json, sweep.png, and the best model as checkpoint.npz + losses.f32
-(an ordinary run: scripts/sample.py loads it, scripts/train.py --resume continues it).
+Many processes (on one machine or many): start the same command once per
+process, adding --coordinator HOST:PORT (process 0's address and a free port)
+--num-processes N --process-id I, or --distributed on a cluster whose
+environment says all three (SLURM, Open MPI). The models are then split over
+the devices of every process, the same number from each; process 0 prints and
+writes the results. On a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=K
+to give each process K devices (K cores' worth), else each takes one per core.
+
+After every chunk, every model's state and losses are saved (sweep-state.npz,
+sweep-losses.f32, on a background thread): Ctrl-C stops after the current chunk
+and saves, a crash loses at most one chunk, and --resume continues the sweep to
+where an uninterrupted one ends (bit for bit with sgd). At the end it writes
+sweep.json, sweep.png, and the best model as checkpoint.npz + losses.f32 (an
+ordinary run: scripts/sample.py loads it, scripts/train.py --resume continues it).
+A new sweep into an --out that holds results needs --overwrite, and removes them
+only once its first checkpoint is on disk; one sweep or run at a time per --out.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
 import jax
 
-from jaxbirds import cli, data, model, sweep, sweep_runner, train
+from jaxbirds import cli, data, distributed, model, outputs, plots, sweep, sweep_runner, train
 from jaxbirds.errors import ConfigError
 
 DEFAULTS = train.TrainConfig(grad_mode="custom_vjp")
@@ -51,23 +68,54 @@ def parse_args(argv):
     )  # fmt: skip
     seeds.add_argument("--seed-list", type=cli.seed, nargs="+", metavar="SEED", help="the seeds, listed")
     p.add_argument("--seed", type=cli.seed, help=f"the first of --seeds N (default {DEFAULTS.seed})")
-    cli.add_training_flags(p, DEFAULTS, skip=("--lr", "--seed"), resumable=False)
+    cli.add_training_flags(p, DEFAULTS, skip=("--lr", "--seed"))
     p.add_argument("--devices", type=cli.positive_int, help="devices to split the models over (default: see above)")
     p.add_argument("--data", type=Path, help="bird names, one per line (default: the shipped file)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory (default runs/sweep)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    run_mode = p.add_mutually_exclusive_group()
+    run_mode.add_argument(
+        "--resume", action="store_true",
+        help="continue the sweep saved in --out (its grid, shapes and data are its own; --steps, --decay-step "
+        "and --chunk may change)",
+    )  # fmt: skip
+    run_mode.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument(
         "--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)"
     )
     p.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
-    p.add_argument(
+    many = p.add_argument_group("many processes (run the same command in each, with its own --process-id)")
+    many.add_argument(
+        "--coordinator", type=address, metavar="HOST:PORT",
+        help="where process 0 serves the coordinator (its address, and a port free there)",
+    )  # fmt: skip
+    many.add_argument("--num-processes", type=cli.positive_int, metavar="N", help="how many processes")
+    many.add_argument("--process-id", type=cli.non_negative_int, metavar="I", help="this process: 0, 1, ..., N - 1")
+    many.add_argument(
         "--distributed", action="store_true",
-        help="call jax.distributed.initialize() first (run the same command on every host; it finds the "
-        "coordinator from the cluster's environment, e.g. SLURM or Open MPI); the models are then split "
-        "over the devices of every host, and the first process writes the results",
+        help="join the processes of a cluster whose environment describes them (SLURM, Open MPI): "
+        "jax.distributed.initialize() finds whichever of the three flags above is not given",
+    )  # fmt: skip
+    many.add_argument(
+        "--connect-timeout", type=cli.positive_int, default=distributed.CONNECT_TIMEOUT, metavar="SECONDS",
+        help=f"how long to wait at start for every process to connect (default {distributed.CONNECT_TIMEOUT})",
     )  # fmt: skip
     cli.add_compile_cache_option(p)
     return p.parse_args(argv)
+
+
+def address(text: str) -> str:
+    try:
+        return distributed.check_address(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--coordinator ")) from None
+
+
+def cluster(args) -> distributed.Cluster | None:
+    """The processes to join, or None for a run in this process alone."""
+    given = distributed.Cluster(args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and given == distributed.Cluster():
+        return None
+    return distributed.check(given)
 
 
 def learning_rates(args) -> list[float]:
@@ -111,34 +159,81 @@ def rate_count(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
-    cli.use_compile_cache(args)
-    dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
-    model_config = model.ModelConfig(
-        vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
-    )
-    shared = {field: value for field, value in cli.given(args, cli.TRAIN_FLAGS).items() if field not in PER_MODEL}
-    # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
-    train_config = dataclasses.replace(DEFAULTS, **shared)
-    sweep.check_fits(model_config, train_config, max(rate_count(args) * seed_count(args), 1))  # before any list
-    members = sweep.grid(learning_rates(args), seeds(args))
-    devices = sweep.choose_devices(len(members), args.devices, len(jax.devices()))
-    train_config = dataclasses.replace(train_config, learning_rate=members[0].learning_rate, seed=members[0].seed)
-    if jax.process_index() == 0:
-        sweep_runner.prepare_output(args.out, args.overwrite)
-    print(dataset.summary())
+    processes = cluster(args)
+    if processes is not None:
+        distributed.initialize(processes, connect_timeout=args.connect_timeout)
+    with distributed.exit_if_peers_are_lost():
+        code = sweep_on_every_process(args)
+        distributed.barrier()  # process 0 has written: no process waits at exit for another still working
+    return code
+
+
+def sweep_on_every_process(args) -> int:
+    """The sweep, as every process runs it: the same checks (their verdict agreed on), one program."""
+    with contextlib.ExitStack() as held:
+        return _sweep(args, held)
+
+
+#: The flags that say which models a sweep trains: fixed for a saved sweep.
+GRID_FLAGS = ("--lr", "--lr-range", "--seeds", "--seed-list", "--seed")
+
+
+def _sweep(args, held: contextlib.ExitStack) -> int:
+    first = jax.process_index() == 0
+    say = functools.partial(print, flush=True) if first else lambda *_: None
+    resumed, changes = None, []
+    with distributed.agreed_errors():  # a process that refuses its input stops every process
+        cli.use_compile_cache(args)
+        if first:  # one sweep or run at a time in --out, from these checks to the last write
+            held.enter_context(outputs.claimed(args.out))
+        if args.resume:
+            grid = [flag for flag in GRID_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+            if grid:
+                raise ConfigError(f"{' '.join(grid)}: the models of a saved sweep are its own; --resume continues them")
+            asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
+            resumed, dataset, changes = sweep_runner.load_resumable(args.out, args.data, asked)
+            model_config, train_config = resumed.model_config, resumed.train_config
+            members = sweep_runner.members_of(resumed)
+            sweep.check_fits(model_config, train_config, len(members))
+        else:
+            dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
+            model_config = model.ModelConfig(
+                vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
+            )
+            given = cli.given(args, cli.TRAIN_FLAGS)
+            shared = {field: value for field, value in given.items() if field not in PER_MODEL}
+            # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
+            train_config = dataclasses.replace(DEFAULTS, **shared)
+            sweep.check_fits(model_config, train_config, max(rate_count(args) * seed_count(args), 1))  # before lists
+            members = sweep.grid(learning_rates(args), seeds(args))
+        per_process = distributed.local_device_counts()
+        devices = sweep.choose_devices(len(members), args.devices, min(per_process) * len(per_process),
+                                       len(per_process))  # fmt: skip
+        train_config = dataclasses.replace(train_config, learning_rate=members[0].learning_rate, seed=members[0].seed)
+        if first:  # only process 0 writes
+            sweep_runner.prepare_output(args.out, args.overwrite, resume=args.resume)
+            if not args.no_plot:
+                plots.require()
+    step = 0 if resumed is None else resumed.state.step
+    distributed.require_same(repr((members, model_config, train_config, devices, dataset.sha256, step)), "sweep")
+    if resumed is not None:
+        say(f"resuming the sweep in {args.out} at step {step:,} of {train_config.steps:,}"
+            + (f"; changed: {', '.join(changes)}" if changes else ""))  # fmt: skip
+    say(dataset.summary())
     rates = sorted({m.learning_rate for m in members})
-    print(
+    say(
         f"sweep: {len(members)} models (learning rates {', '.join(f'{r:g}' for r in rates)} × "
-        f"{len(members) // len(rates)} seeds) on {devices} device(s) ({jax.devices()[0].device_kind}); "
+        f"{len(members) // len(rates)} seeds) on {devices} device(s) ({jax.devices()[0].device_kind}"
+        f"{f', {len(per_process)} processes' if len(per_process) > 1 else ''}); "
         f"{model.param_count_for(model_config):,} parameters each; {train_config.optimizer}, lr drops "
         f"{1 / train_config.decay_factor:g}x at step {train_config.decay_step:,}; batch {train_config.batch_size}; "
         f"gradients: {train_config.grad_mode}; {train_config.steps:,} steps"
     )
     options = sweep_runner.SweepOptions(out=args.out, devices=devices, plot=not args.no_plot, log_every=args.log_every)
     with cli.stop_requested() as stop:
-        return sweep_runner.run(dataset, model_config, train_config, members, options, stop.is_set, log=sys.stdout)
+        return sweep_runner.run(
+            dataset, model_config, train_config, members, options, stop.is_set, log=sys.stdout, resume_from=resumed
+        )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ import time
 
 STARTED = time.perf_counter()  # before the imports below: they are part of the start-up cost
 
-import dataclasses  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from jaxbirds import checkpoint, cli, data, model, outputs, runner, train  # noqa: E402
+from jaxbirds import cli, data, model, outputs, runner, train  # noqa: E402
 from jaxbirds.checkpoint import Checkpoint, DataSource  # noqa: E402
 from jaxbirds.errors import ConfigError  # noqa: E402
 
@@ -62,35 +61,9 @@ def new_configs(args, dataset: data.Dataset) -> tuple[model.ModelConfig, train.T
 
 def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
     """``saved`` with the changes the flags ask for; a :class:`ConfigError` for a flag that may not change."""
-    tc, mc = saved.train_config, saved.model_config
     asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
-    saved_values = {**dataclasses.asdict(tc), **dataclasses.asdict(mc)}
-    flags = {**cli.TRAIN_FLAGS, **cli.MODEL_FLAGS}
-    refused = [
-        f"{flags[field]} {value} (the run's is {saved_values[field]})"
-        for field, value in asked.items()
-        if field not in CHANGEABLE and value != saved_values[field]
-    ]
-    if refused:
-        raise ConfigError(
-            "these settings are fixed for a saved run and cannot change on --resume: "
-            + "; ".join(refused)
-            + ". Start a new run with another --out (or --overwrite) instead"
-        )
-    changes = {field: value for field, value in asked.items() if field in CHANGEABLE}
-    if changes.get("steps", tc.steps) < saved.state.step:
-        raise ConfigError(f"--steps {changes['steps']:,} is below the saved run's step {saved.state.step:,}")
-    new_tc = dataclasses.replace(tc, **changes)
-    described = [
-        f"{cli.TRAIN_FLAGS[field]} {_number(getattr(tc, field))} -> {_number(getattr(new_tc, field))}"
-        for field in CHANGEABLE
-        if getattr(tc, field) != getattr(new_tc, field)
-    ]
-    return saved._replace(train_config=new_tc), described
-
-
-def _number(value) -> str:
-    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+    train_config, described = cli.resumed_config(asked, saved, CHANGEABLE)
+    return saved._replace(train_config=train_config), described
 
 
 def main(argv=None) -> int:
@@ -107,15 +80,9 @@ def train_in(args, phases: dict[str, float]) -> int:
     # Everything is checked before anything is written: a refused command leaves --out as it was.
     ckpt_path = args.out / runner.CHECKPOINT
     if args.resume:
-        saved = checkpoint.load(ckpt_path)
-        data_path = args.data or (Path(saved.data.path) if saved.data else data.DEFAULT_DATA_PATH)
-        dataset = data.load_dataset(data_path, saved.model_config.context_size)
-        checkpoint.check_compatible(saved, dataset.vocab, dataset.context_size)
-        if saved.data and saved.data.sha256 != dataset.sha256:
-            raise ConfigError(
-                f"{data_path} is not the data this run was trained on ({saved.data.path}, sha256 "
-                f"{saved.data.sha256[:12]}...): the data are fixed for a saved run"
-            )
+        saved, dataset = runner.load_resumable(ckpt_path, args.data)
+        if saved.sweep is not None:
+            raise ConfigError(f"{ckpt_path} holds a sweep's models; continue it with scripts/sweep.py --resume")
         start, changes = resumed_run(args, saved)
         runner.prepare_output(args.out, resume=True, overwrite=False)
         print(

@@ -29,19 +29,20 @@ def test_the_checks_prove_a_directory_writable_without_creating_it(tmp_path):
 def test_every_file_either_script_writes_or_removes_is_checked(tmp_path, name):
     (tmp_path / name).mkdir()
     with pytest.raises(OutputError, match=f"{name} is a directory"):
-        outputs.prepare(tmp_path, (), "results", overwrite=True)
+        outputs.prepare(tmp_path, (), "results", outputs.CHECKPOINT, overwrite=True)
 
 
 def test_saved_results_are_refused_unasked_and_the_advice_fits_the_script(tmp_path):
     (tmp_path / outputs.SWEEP_JSON).write_text("{}")
     with pytest.raises(OutputError, match="pass --overwrite, or another --out"):
-        outputs.prepare(tmp_path, outputs.ALL_FILES, "a saved run", resume=False)
+        outputs.prepare(tmp_path, outputs.ALL_FILES, "a saved run", outputs.CHECKPOINT)
     (tmp_path / outputs.CHECKPOINT).write_bytes(b"")
     with pytest.raises(OutputError, match="--resume to continue it"):
-        outputs.prepare(tmp_path, outputs.ALL_FILES, "a saved run", resume=False)
-    with pytest.raises(OutputError, match="pass --overwrite, or another --out"):  # a sweep cannot resume
-        outputs.prepare(tmp_path, outputs.ALL_FILES, "results")
-    outputs.prepare(tmp_path, outputs.ALL_FILES, "results", overwrite=True)
+        outputs.prepare(tmp_path, outputs.ALL_FILES, "a saved run", outputs.CHECKPOINT)
+    with pytest.raises(OutputError, match="pass --overwrite, or another --out"):  # no sweep to resume there
+        outputs.prepare(tmp_path, outputs.ALL_FILES, "results", outputs.SWEEP_STATE)
+    outputs.prepare(tmp_path, outputs.ALL_FILES, "results", outputs.SWEEP_STATE, overwrite=True)
+    outputs.prepare(tmp_path, outputs.ALL_FILES, "a saved run", outputs.CHECKPOINT, resume=True)
 
 
 def test_remove_stale_removes_every_listed_file_but_those_kept_and_nothing_else(tmp_path):

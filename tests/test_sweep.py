@@ -225,3 +225,117 @@ def test_the_same_sweep_on_one_and_on_two_host_devices_gives_the_same_losses(tmp
     refused = subprocess.run([*script, "--devices", "2", "--out", str(tmp_path)], env=env, capture_output=True,
                              text=True)  # fmt: skip
     assert refused.returncode == 2 and "do not split evenly over 2 devices: pass --devices 1" in refused.stderr
+
+
+def test_learning_rates_equal_in_float32_are_one_model():
+    with pytest.raises(ConfigError, match="compared in float32"):
+        sweep.grid([0.1, 0.1000000001], [1])
+    assert len(sweep.grid([0.1, 0.1001], [1])) == 2
+
+
+def test_host_devices_share_one_memory_and_more_of_them_do_not_help():
+    from types import SimpleNamespace
+
+    from jaxbirds import memory
+    from jaxbirds.errors import MemoryBudgetError
+
+    cpus = [SimpleNamespace(platform="cpu", process_index=jax.process_index()) for _ in range(2)]
+    gpus = [SimpleNamespace(platform="gpu", process_index=jax.process_index()) for _ in range(2)]
+    assert memory.devices_sharing_memory(cpus) == 2 and not memory.more_devices_help(cpus)
+    assert memory.devices_sharing_memory(gpus) == 1 and memory.more_devices_help(gpus)
+
+    class Compiled:  # what XLA's analysis of a sharded program reports: one device's need
+        def memory_analysis(self):
+            return SimpleNamespace(argument_size_in_bytes=600, output_size_in_bytes=0, temp_size_in_bytes=0,
+                                   alias_size_in_bytes=0)  # fmt: skip
+
+    memory.require_compiled(Compiled(), "a program", "", budget=1000, copies=1)
+    with pytest.raises(MemoryBudgetError, match="on each of 2 devices that share this machine's memory"):
+        memory.require_compiled(Compiled(), "a program", "", budget=1000, copies=2)
+
+
+def test_a_short_sweep_draws_every_model_s_curve(tmp_path, monkeypatch):
+    from jaxbirds import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "write", lambda fig, path: drawn.append(fig) or path)
+    runs = [{"learning_rate": lr, "seed": 1, "loss": {"dev": 2.0}, "diverged_at": None} for lr in (0.1, 0.2)]
+    summary = [{"learning_rate": lr, "dev_mean": 2.0, "dev_std": 0.0} for lr in (0.1, 0.2)]
+    plots.sweep_figure(summary, runs, np.full((2, 300), 2.5, np.float32), tmp_path / "sweep.png")
+    curves = [line for line in drawn[0].axes[1].lines if len(line.get_xdata())]
+    assert len(curves) == 2 and all(len(line.get_xdata()) == 10 for line in curves)  # windows of 30 steps
+    assert plots.window_for(200_000, 1000) == 1000 and plots.window_for(5, 1000) == 1
+
+
+def test_a_stopped_sweep_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_one(dataset, tmp_path):
+    """The sweep's state is saved after every chunk; a sweep stopped after its first chunk and resumed from
+    that checkpoint reaches the same losses, bit for bit (sgd), as one that ran straight through."""
+    from jaxbirds import checkpoint, outputs, sweep_runner
+
+    mc, tc = small_configs(dataset, steps=900, chunk_size=300, grad_mode="custom_vjp")
+    members = sweep.grid([0.1, 1e30], [SEED])  # one model diverges: its state is saved and frozen too
+    options = sweep_runner.SweepOptions(out=tmp_path / "straight", devices=1, plot=False)
+    assert sweep_runner.run(dataset, mc, tc, members, options) == 0
+    straight = strict_json(tmp_path / "straight" / "sweep.json")
+
+    options = dataclasses.replace(options, out=tmp_path / "resumed")
+    assert sweep_runner.run(dataset, mc, tc, members, options, should_stop=lambda: True) == 130
+    saved = checkpoint.load(tmp_path / "resumed" / outputs.SWEEP_STATE)
+    assert saved.state.step == 300 and saved.sweep.diverged_at[1] is not None
+    assert sweep_runner.members_of(saved) == members
+    assert sweep_runner.run(dataset, mc, tc, members, options, resume_from=saved) == 0
+    resumed = strict_json(tmp_path / "resumed" / "sweep.json")
+    assert [r["loss"] for r in resumed["runs"]] == [r["loss"] for r in straight["runs"]]
+    assert [r["diverged_at"] for r in resumed["runs"]] == [r["diverged_at"] for r in straight["runs"]]
+    histories = [checkpoint.LossLog(tmp_path / d / outputs.SWEEP_LOSSES, 2).read(900) for d in ("straight", "resumed")]
+    np.testing.assert_array_equal(*histories)
+    best = [checkpoint.load(tmp_path / d / "checkpoint.npz") for d in ("straight", "resumed")]
+    for name in best[0].state.params:
+        np.testing.assert_array_equal(best[0].state.params[name], best[1].state.params[name])
+
+
+def test_a_sweep_killed_at_a_chunk_and_resumed_ends_as_an_uninterrupted_one(dataset, tmp_path, capsys):
+    """kill -9 (no chance to save) after a random chunk's progress line, then --resume: sweep.json's losses
+    are the uninterrupted sweep's, bit for bit (sgd), and at most one chunk was lost."""
+    import random
+
+    grid = ["--hidden", "8", "--steps", "3000", "--chunk", "300", "--log-every", "300", "--lr", "0.1", "0.2"]
+    grid += ["--seeds", "1", "--no-plot", "--devices", "1"]
+    assert run_cli(load_script("sweep"), [*grid, "--out", str(tmp_path / "straight")], capsys)[0] == 0
+    kill_after = random.Random().randrange(1, 8) * 300
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "sweep.py"), *grid, "--out", str(tmp_path / "killed")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"step {kill_after:>9,}/"):
+                proc.kill()
+                break
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    saved = checkpoint.load(tmp_path / "killed" / "sweep-state.npz")
+    assert kill_after - 300 <= saved.state.step <= kill_after  # at most one chunk lost
+    code, out, err = run_cli(load_script("sweep"), ["--resume", "--out", str(tmp_path / "killed"), "--no-plot"], capsys)
+    assert code == 0 and f"resuming the sweep in {tmp_path / 'killed'} at step {saved.state.step:,}" in out, err
+    straight, resumed = (strict_json(tmp_path / d / "sweep.json") for d in ("straight", "killed"))
+    assert [r["loss"] for r in resumed["runs"]] == [r["loss"] for r in straight["runs"]]
+
+
+def test_resume_keeps_the_grid_and_the_shapes_and_refuses_a_run_s_checkpoint(tmp_path, capsys):
+    args = ["--hidden", "8", "--steps", "300", "--chunk", "300", "--lr", "0.1", "--seeds", "1", "--no-plot"]
+    assert run_cli(load_script("sweep"), [*args, "--out", str(tmp_path)], capsys)[0] == 0
+    for flags, message in [(["--lr", "0.3"], "--lr: the models of a saved sweep are its own"),
+                           (["--hidden", "16"], "--hidden 16 (the run's is 8)"),
+                           (["--steps", "100"], "below the saved run's step")]:  # fmt: skip
+        code, _, err = run_cli(load_script("sweep"), ["--resume", *flags, "--out", str(tmp_path)], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    code, out, _ = run_cli(load_script("sweep"), ["--resume", "--steps", "600", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "--steps 300 -> 600" in out and strict_json(tmp_path / "sweep.json")["steps"] == 600
+    code, _, err = run_cli(load_script("train"), ["--resume", "--out", str(tmp_path)], capsys)  # its best model
+    assert code == 0
+    (tmp_path / "sweep-state.npz").write_bytes((tmp_path / "checkpoint.npz").read_bytes())
+    code, _, err = run_cli(load_script("sweep"), ["--resume", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "holds a single run, not a sweep" in err
