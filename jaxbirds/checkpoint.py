@@ -460,6 +460,12 @@ class Writer:
     checkpoint (whose log the CRC then refuses if the kill came before the log
     was written: one chunk lost, never a wrong history).
 
+    The writer runs at most one checkpoint behind: :meth:`submit` first waits
+    until the previous checkpoint is on disk (its writing overlapped the chunk
+    just trained), so a kill at any moment loses at most the last chunk
+    completed, however fast chunks are. ``waited_seconds`` counts that waiting:
+    zero unless writing a checkpoint takes longer than training a chunk.
+
     :meth:`close` waits for everything submitted. An error on the thread stops
     the writer for good; it is raised by :meth:`close` and by every later
     :meth:`submit`. ``seconds`` counts the time spent writing; ``steps_logged``
@@ -475,13 +481,13 @@ class Writer:
         after_first: Callable[[], None] | None = None,
     ):
         self.path, self.log = Path(path), log
-        self.seconds = 0.0
+        self.seconds, self.waited_seconds = 0.0, 0.0
         self.steps_logged = keep
         self.crc32 = log.crc32(keep) if keep else 0
         self._keep, self._started, self._replacing, self._after_first = keep, False, replacing, after_first
         self._pending: list[tuple[Checkpoint, np.ndarray]] = []
         self._error: BaseException | None = None
-        self._closed = False
+        self._closed, self._busy = False, False
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
         self._thread.start()
@@ -493,16 +499,20 @@ class Writer:
 
     def submit(self, checkpoint: Checkpoint, new_losses: np.ndarray) -> None:
         with self._cv:
+            t0 = time.perf_counter()
+            while (self._pending or self._busy) and self._error is None:  # one checkpoint behind, at most
+                self._cv.wait()
+            self.waited_seconds += time.perf_counter() - t0
             self._raise_error()
             self._pending.append((checkpoint, np.array(new_losses, np.float32)))
             self.steps_logged += np.shape(new_losses)[-1]
-            self._cv.notify()
+            self._cv.notify_all()
 
     def close(self) -> None:
         """Wait until everything submitted is on disk; raise the thread's error, if any."""
         with self._cv:
             self._closed = True
-            self._cv.notify()
+            self._cv.notify_all()
         self._thread.join()
         self._raise_error()
 
@@ -517,7 +527,7 @@ class Writer:
                     self._cv.wait()
                 if not self._pending:
                     return
-                batch, self._pending = self._pending, []
+                batch, self._pending, self._busy = self._pending, [], True
             t0 = time.perf_counter()
             try:
                 self._write(batch)
@@ -525,9 +535,14 @@ class Writer:
                 with self._cv:
                     self._error = err
                     self._pending.clear()
+                    self._busy = False
+                    self._cv.notify_all()
                 return
             finally:
                 self.seconds += time.perf_counter() - t0
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
 
     def _write(self, batch: list[tuple[Checkpoint, np.ndarray]]) -> None:
         crc = self.crc32

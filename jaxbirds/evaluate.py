@@ -68,22 +68,28 @@ class Stopped(Exception):
 
 
 def context_size_of(params: Params) -> int:
-    """Context positions ``k`` of a model: ``W1`` has ``k·E`` rows for an embedding of ``E``."""
-    return params["W1"].shape[0] // params["C"].shape[1]
+    """Context positions ``k`` of a model (or of stacked models): ``W1`` has ``k·E`` rows for an embedding ``E``."""
+    return params["W1"].shape[-2] // params["C"].shape[-1]
 
 
-def batch_size_for(params: Params, budget: int | None = None) -> int:
+def models_of(params: Params, models: bool) -> int:
+    """How many models ``params`` holds: the length of the leading axis of stacked parameters, or 1."""
+    return params["W1"].shape[0] if models else 1
+
+
+def batch_size_for(params: Params, budget: int | None = None, models: bool = False) -> int:
     """Rows per evaluation batch: as many as fit the memory budget, at most :data:`MAX_BATCH`.
 
     Fixed: the parameters (``W1`` included: the tables program reads it) and the
-    ``k`` lookup tables (k, V, H). Per row: :data:`LIVE_BUFFERS` x (H + V) values
-    and :data:`ROW_OVERHEAD_BYTES`.
+    ``k`` lookup tables (k, V, H) of each model. Per row: :data:`LIVE_BUFFERS` x
+    (H + V) values of each model and :data:`ROW_OVERHEAD_BYTES`. ``models``: the
+    parameters are stacked on a leading models axis, evaluated together.
     """
-    (vocab, _), hidden = params["C"].shape, params["W1"].shape[1]
+    vocab, hidden, count = params["C"].shape[-2], params["W1"].shape[-1], models_of(params, models)
     itemsize = params["W1"].dtype.itemsize
     param_bytes = sum(p.size * p.dtype.itemsize for p in params.values())
-    table_bytes = context_size_of(params) * vocab * hidden * itemsize
-    per_row = LIVE_BUFFERS * (hidden + vocab) * itemsize + ROW_OVERHEAD_BYTES
+    table_bytes = count * context_size_of(params) * vocab * hidden * itemsize
+    per_row = count * LIVE_BUFFERS * (hidden + vocab) * itemsize + ROW_OVERHEAD_BYTES
     return memory.rows_within(per_row, param_bytes + table_bytes, MAX_BATCH, budget)
 
 
@@ -166,13 +172,18 @@ def _after_lookup(params: Params) -> Params:
     return {name: jnp.asarray(params[name]) for name in AFTER_LOOKUP}
 
 
-@jax.jit
-def _column_sums(
+def _column_sums_of_one(
     tables: jax.Array, b1: jax.Array, X: jax.Array, valid: jax.Array, center: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Sums of ``hprebn - center`` and of its square over the valid rows of one padded batch."""
     diff = (lookup_hidden_preactivation(tables, b1, X) - center) * valid[:, None]
     return jnp.sum(diff, axis=0, keepdims=True), jnp.sum(diff * diff, axis=0, keepdims=True)
+
+
+_column_sums = jax.jit(_column_sums_of_one)
+#: The same for stacked models (tables, b1 and center with a leading models axis), in one program.
+_column_sums_of_models = jax.jit(jax.vmap(_column_sums_of_one, in_axes=(0, 0, None, None, 0)))
+_tables_of_models = jax.jit(jax.vmap(lambda C, W1: position_tables(C, W1)))
 
 
 def calibrate(
@@ -182,6 +193,7 @@ def calibrate(
     *,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    models: bool = False,
 ) -> BatchNormStats:
     """Batch-norm statistics of a whole split: the mean and the *unbiased* variance of ``hprebn``.
 
@@ -196,30 +208,32 @@ def calibrate(
       batch: rows per program call; by default :func:`batch_size_for`.
       progress: told the rows done of ``2n`` (both passes) after every batch.
       should_stop: polled before every batch; True raises :class:`Stopped`.
+      models: ``params`` are K models stacked on a leading axis, calibrated together by one program
+        (``vmap``); the statistics are then stacked too.
     Returns:
-      ``BatchNormStats`` with ``mean`` and ``var`` (1, H).
+      ``BatchNormStats`` with ``mean`` and ``var`` (1, H), or (K, 1, H) for stacked models.
     """
     n = len(X)
     check_batch_size(n)
-    batch = batch or batch_size_for(params)
+    batch = batch or batch_size_for(params, models=models)
     should_stop, progress = should_stop or _never, progress or _ignore
-    tables = position_tables(params["C"], params["W1"])
+    tables = (_tables_of_models if models else position_tables)(params["C"], params["W1"])
+    column_sums = _column_sums_of_models if models else _column_sums
     b1 = jnp.asarray(params["b1"])
-    zero = jnp.zeros((1, tables.shape[2]), tables.dtype)
+    zero = jnp.zeros((*tables.shape[:-3], 1, tables.shape[-1]), tables.dtype)
     total = zero
     for start, stop in _batches(n, batch, should_stop, progress, total=2 * n):
         rows, valid = _pad(X, start, stop, batch)
-        total = (total + _column_sums(tables, b1, rows, valid.astype(tables.dtype), zero)[0]).block_until_ready()
+        total = (total + column_sums(tables, b1, rows, valid.astype(tables.dtype), zero)[0]).block_until_ready()
     mean = total / n
     squares = zero
     for start, stop in _batches(n, batch, should_stop, progress, done=n, total=2 * n):
         rows, valid = _pad(X, start, stop, batch)
-        squares = (squares + _column_sums(tables, b1, rows, valid.astype(tables.dtype), mean)[1]).block_until_ready()
+        squares = (squares + column_sums(tables, b1, rows, valid.astype(tables.dtype), mean)[1]).block_until_ready()
     return BatchNormStats(mean, squares / (n - 1))
 
 
-@jax.jit
-def _summed_nll(
+def _summed_nll_of_one(
     tables: jax.Array, params: Params, stats: BatchNormStats, X: jax.Array, Y: jax.Array, valid: jax.Array
 ) -> jax.Array:
     """Summed cross-entropy of the valid rows of one padded batch, in evaluation mode.
@@ -236,6 +250,11 @@ def _summed_nll(
     return jnp.sum(nll * valid)
 
 
+_summed_nll = jax.jit(_summed_nll_of_one)
+#: The same for stacked models (tables, parameters and statistics with a leading models axis): (K,) sums.
+_summed_nll_of_models = jax.jit(jax.vmap(_summed_nll_of_one, in_axes=(0, 0, 0, None, None, None)))
+
+
 def split_loss(
     params: Params,
     stats: BatchNormStats,
@@ -245,7 +264,8 @@ def split_loss(
     *,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
-) -> float | None:
+    models: bool = False,
+) -> float | list[float] | None:
     """Mean cross-entropy over a split in evaluation mode (calibrated batch norm); None for an empty split.
 
     ``loss = (1/n) sum_i -log softmax(logits_i)[Y_i]``, the first layer by lookup tables.
@@ -257,18 +277,22 @@ def split_loss(
       batch: rows per program call; by default :func:`batch_size_for`.
       progress: told the rows done of ``n`` after every batch.
       should_stop: polled before every batch; True raises :class:`Stopped`.
+      models: ``params`` and ``stats`` are K models stacked on a leading axis, evaluated together by one
+        program (``vmap``).
     Returns:
-      The mean loss, or None if ``n == 0``.
+      The mean loss (a list of K for stacked models), or None if ``n == 0``.
     """
     if len(Y) == 0:
         return None
-    batch = batch or batch_size_for(params)
+    batch = batch or batch_size_for(params, models=models)
     should_stop, progress = should_stop or _never, progress or _ignore
-    tables = position_tables(params["C"], params["W1"])
+    tables = (_tables_of_models if models else position_tables)(params["C"], params["W1"])
+    summed_nll = _summed_nll_of_models if models else _summed_nll
     rest = _after_lookup(params)
-    total = 0.0
+    total = np.zeros(models_of(params, models))
     for start, stop in _batches(len(Y), batch, should_stop, progress):
         rows, valid = _pad(X, start, stop, batch)
         labels, _ = _pad(Y, start, stop, batch)
-        total += float(_summed_nll(tables, rest, stats, rows, labels, valid.astype(tables.dtype)))
-    return total / len(Y)
+        total += np.asarray(summed_nll(tables, rest, stats, rows, labels, valid.astype(tables.dtype)), np.float64)
+    means = [float(t) / len(Y) for t in total]
+    return means if models else means[0]

@@ -276,7 +276,7 @@ def run(
             writer.close()
         except OSError as err:
             raise OutputError(f"cannot save the checkpoint {ckpt_path}: {err}") from None
-        wait_seconds = time.perf_counter() - t_wait
+        wait_seconds = time.perf_counter() - t_wait + writer.waited_seconds  # at the end, and before chunks
     trained = result.state.step - start.state.step
     rate = trained / result.train_seconds if result.train_seconds > 0 else float("nan")
     say(

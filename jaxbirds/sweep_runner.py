@@ -144,23 +144,28 @@ def run(
             start=start, losses_so_far=history,
         )  # fmt: skip
     finally:
+        t_wait = time.perf_counter()
         if writer is not None:
             try:
                 writer.close()
             except OSError as err:
                 raise OutputError(f"cannot save the sweep's checkpoint {options.out / SWEEP_STATE}: {err}") from None
+    saving = (writer.seconds, writer.waited_seconds + time.perf_counter() - t_wait) if writer else (0.0, 0.0)
     rate = result.model_steps / result.train_seconds if result.train_seconds > 0 else float("nan")
     say(
         f"trained {len(members)} models × {result.step:,} steps in {result.train_seconds:.1f} s "
-        f"({rate:,.0f} model-steps/s on {options.devices} device(s); compile {result.compile_seconds:.1f} s)"
+        f"({rate:,.0f} model-steps/s on {options.devices} device(s); compile {result.compile_seconds:.1f} s; "
+        f"checkpoints {saving[0]:.1f} s in the background, {saving[1]:.2f} s waited for)"
     )
 
     t0 = time.perf_counter()
     runs, evaluations = [], []
+    # Every model at once, in one program per batch; a diverged model's numbers are computed and ignored.
+    evaluated = sweep.evaluate_members(result.params, dataset.splits)
     for k, m in enumerate(members):
         evaluation, diverged_at = None, result.diverged_at[k]
         if diverged_at is None:
-            evaluation = sweep.evaluate_member(sweep.member(result.params, k), dataset.splits)
+            evaluation = evaluated[k]
             if divergence.evaluation_problem(evaluation.stats, evaluation.loss) is not None:
                 evaluation, diverged_at = None, result.step  # trained to parameters that overflow in evaluation
         evaluations.append(evaluation)
@@ -195,6 +200,8 @@ def run(
             "compile_seconds": result.compile_seconds,
             "train_seconds": result.train_seconds,
             "evaluate_seconds": evaluate_seconds,
+            "checkpoint_write_seconds": saving[0],
+            "checkpoint_wait_seconds": saving[1],
         },  # fmt: skip
         "configs": {
             "model_config": dataclasses.asdict(model_config),

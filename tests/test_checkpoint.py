@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -402,3 +403,23 @@ def test_a_replacing_writer_writes_the_new_checkpoint_before_it_touches_the_old_
     saved = checkpoint.load(path)
     np.testing.assert_array_equal(log.read(saved.state.step, saved.loss_log_crc32), [1.0, 0.5])
     assert events[-1] == "after" and saved.loss_log_crc32 == writer.crc32
+
+
+def test_the_writer_runs_at_most_one_checkpoint_behind(tmp_path, small, monkeypatch):
+    """However fast chunks are, submit() returns only once the checkpoint before it is on disk: a kill
+    loses at most the last chunk completed. The wait is counted."""
+    _, original = small
+    written, real_save = [], checkpoint.save
+
+    def slow_save(path, ckpt):
+        time.sleep(0.05)
+        real_save(path, ckpt)
+        written.append(ckpt.state.step)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    writer = checkpoint.Writer(tmp_path / "c.npz", LossLog(tmp_path / "losses.f32"))
+    for step in range(1, 5):
+        writer.submit(original._replace(state=original.state._replace(step=step)), np.zeros(1, np.float32))
+        assert written[-1:] == ([step - 1] if step > 1 else [])  # the previous one is on disk, every one written
+    writer.close()
+    assert written == [1, 2, 3, 4] and writer.waited_seconds > 0.1
