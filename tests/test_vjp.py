@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jaxbirds import gradcheck, model, ops, vjp
@@ -138,6 +138,7 @@ def both_rules(logits, labels, x, gain, bias, dy):
     log_scale=st.floats(-3, 4),
     seed=st.integers(0, 2**16),
 )
+@example(n=2, classes=2, hidden=30, log_scale=2.0, seed=0)  # once a false alarm on dgain (see its floor)
 def test_both_rules_over_random_shapes_and_scales(n, classes, hidden, log_scale, seed):
     """Batch 2-64, classes 2-64, hidden 1-64, inputs from 1e-3 to 1e4 in size, float64."""
     with jax.enable_x64(True):
@@ -149,8 +150,26 @@ def test_both_rules_over_random_shapes_and_scales(n, classes, hidden, log_scale,
     np.testing.assert_allclose(ce_ours.sum(axis=1), 0.0, atol=1e-15)  # rows of (p - onehot)/n sum to 0
     # dx is a difference of terms of size ~gain s |dy|; at n = 2 and a large scale it cancels to ~eps/var
     # of them, so its rounding is measured against the terms (as in the float32 test below)
-    assert_close(bn_ours[0], bn_ref[0], F64, floor=100 * np.finfo(np.float64).eps * bn_term_scale(x, gain, dy))
-    assert_close(bn_ours[1:], bn_ref[1:], F64)
+    # (and x_hat itself is only as accurate as x - mu: ~eps |x| s, which the conditioning factor counts)
+    floor = 100 * np.finfo(np.float64).eps * bn_term_scale(x, gain, dy) * x_hat_conditioning(x)
+    assert_close(bn_ours[0], bn_ref[0], F64, floor=floor)
+    # dgain = sum_i dy_i x_hat_i, and x_hat = (x - mu) s rounds like x itself: ~eps |x| s per entry, which is
+    # large next to x_hat where the column's spread is small next to its values (found at n = 2, scale 100)
+    assert_close(bn_ours[1], bn_ref[1], F64, floor=100 * np.finfo(np.float64).eps * x_hat_rounding(x, dy))
+    assert_close(bn_ours[2], bn_ref[2], F64)
+
+
+def x_hat_rounding(x, dy) -> float:
+    """The size of dgain's rounding: max over columns of sum_i |dy_i| * max_i |x_i| * s, s = (var + eps)^-1/2."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    inv_std = 1.0 / np.sqrt(np.var(x, axis=0, ddof=1) + 1e-5)
+    return float((np.abs(dy).sum(axis=0) * np.abs(x).max(axis=0) * inv_std).max())
+
+
+def x_hat_conditioning(x) -> float:
+    """How much the rounding of ``x`` is magnified in ``x_hat = (x - mu) s``: max(1, max |x| s) over columns."""
+    x = np.asarray(x, np.float64)
+    return float(max(1.0, (np.abs(x).max(axis=0) / np.sqrt(np.var(x, axis=0, ddof=1) + 1e-5)).max()))
 
 
 def bn_term_scale(x, gain, dy) -> float:
