@@ -14,6 +14,7 @@ from jaxbirds import bench, model, report, train
 from jaxbirds.errors import OutputError
 
 
+@pytest.mark.slow
 def test_quick_cli_runs_the_gradient_mode_studies_and_saves_json(tmp_path, capsys):
     """The --quick path through the CLI, limited to the gradient modes and the torch reference (or its
     skip note): the full --quick run is a minute of compiling on 2 cores. What XLA compiled is
@@ -86,6 +87,7 @@ def test_markdown_table_formats_numbers_and_spreads():
     assert table.splitlines() == ["| A | B | C |", "|---|---|---|", "| x | 1,234 | 1.0–2.0 |"]
 
 
+@pytest.mark.slow
 def test_the_accuracy_harness_finds_a_less_accurate_variance(dataset, monkeypatch):
     """Batch norm's variance as E[x^2] - E[x]^2 cancels catastrophically in float32 when the mean is
     large beside the spread (here hprebn shifted by 300): the harness must rank it far worse."""
@@ -115,6 +117,7 @@ def test_the_accuracy_harness_finds_a_less_accurate_variance(dataset, monkeypatc
     assert np.median(good["W1"]) < 1e-4  # the shift itself costs float32 digits: hprebn is ~300 +- 2
 
 
+@pytest.mark.slow
 def test_the_memory_study_reports_what_the_compiled_program_says(dataset):
     config = bench.BenchConfig(repeats=1, steps=50, memory_batches=(32, 256), memory_hiddens=(16,))
     b = bench.Bench(dataset, config)

@@ -115,6 +115,7 @@ def test_an_input_only_one_process_refuses_ends_both_with_the_same_error_line(tm
     assert not (tmp_path / "out1").exists()
 
 
+@pytest.mark.slow
 def test_processes_given_different_sweeps_are_refused_with_the_same_error_line(tmp_path):
     with two_processes(tmp_path, [*GRID, "--steps", "300"], more=((), ("--batch-size", "16"))) as procs:
         results = finish(procs, tmp_path)
@@ -138,6 +139,7 @@ def test_ctrl_c_reaching_one_process_stops_both_after_the_same_chunk_and_saves(t
     assert f"interrupted at step {report['steps']:,}" in out0
 
 
+@pytest.mark.slow
 def test_a_process_whose_peer_is_killed_ends_with_an_error_line(tmp_path):
     with two_processes(tmp_path, [*GRID, "--steps", "100000"]) as procs:
         wait_for_progress(procs, tmp_path)
@@ -151,6 +153,7 @@ def test_a_process_whose_peer_is_killed_ends_with_an_error_line(tmp_path):
     assert elapsed < distributed.HEARTBEAT_TIMEOUT and not (tmp_path / "out0" / "sweep.json").exists()
 
 
+@pytest.mark.slow
 def test_a_process_alone_gives_up_waiting_for_the_others_with_an_error_line(tmp_path):
     command = [sys.executable, str(SCRIPT), *GRID, "--out", str(tmp_path / "out"), "--connect-timeout", "1"]
     command += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "1"]

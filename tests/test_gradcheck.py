@@ -106,6 +106,7 @@ def test_noise_inputs_are_the_problem_then_rounding_variants_of_it(dataset):
 
 
 @pytest.mark.parametrize("batch, hidden, seed, dtype", [(2, 1, 1, "float32"), (5, 64, 1, "float64")])
+@pytest.mark.slow
 def test_correct_code_passes_at_small_batches_and_odd_sizes(dataset, dtype, batch, hidden, seed):
     """Batch 2, hidden 1, seed 1 is where a noise estimate from one sample cried wolf (hprebn, C, W1:
     at batch 2 everything below batch norm is rounding noise, and one tensor of two entries measured
@@ -201,6 +202,7 @@ def broken_batch_norm(bwd):
     return rule
 
 
+@pytest.mark.slow
 def test_planted_errors_fail_the_check_in_both_precisions(dataset, monkeypatch, fresh_traces):
     """Batch norm's rule off by 1e-4 relative (float32 and float64) or without its n/(n-1): the tensors
     below batch norm fail. The fused pass with one tensor (dW2) off by 1e-4: that tensor, and only
@@ -261,6 +263,7 @@ def _axis_mixed_up_jvp():
 
 
 @pytest.mark.parametrize("module, broken", [(vjp, _axis_mixed_up_vjp), (jvp, _axis_mixed_up_jvp)], ids=["vjp", "jvp"])
+@pytest.mark.slow
 def test_finite_differences_see_a_batch_hidden_axis_mix_up(monkeypatch, module, broken):
     """Batch norm's rule reading ``n`` from the hidden axis: right at a square shape (batch = hidden,
     where the check once ran alone), wrong at each of the fixed shapes, which catch it on their own."""
@@ -277,6 +280,7 @@ def test_fixed_finite_difference_shapes_tell_every_axis_apart():
     assert any(s.batch < s.hidden for s in gradcheck.FD_SHAPES) and any(s.batch > s.hidden for s in gradcheck.FD_SHAPES)
 
 
+@pytest.mark.slow
 def test_a_dropped_eps_in_the_atomic_dbnvar_is_within_tolerance_but_not_bitwise(dataset, monkeypatch, fresh_traces):
     """``dbnvar = -1/2 bnvar^(-3/2) dbnvar_inv`` (no ``eps``; ~5e-6 relative): only the bitwise check
     sees it. ``manual.BN_EPS`` is read by the atomic dbnvar alone (the forward's eps is ``ops``')."""
@@ -323,6 +327,7 @@ def finite_differences_recorded(monkeypatch):
 SMALL = ["--hidden", "3", "--batch-size", "5"]
 
 
+@pytest.mark.slow
 def test_script_passes_and_checks_finite_differences_at_the_users_shape(capsys, finite_differences_recorded):
     script = load_script("gradcheck")
     assert script.main(SMALL) == 0
@@ -331,6 +336,7 @@ def test_script_passes_and_checks_finite_differences_at_the_users_shape(capsys, 
     assert "OK: all 53 tensors" in out and "the atomic pass's 26 all bitwise equal" in out
 
 
+@pytest.mark.slow
 def test_script_fails_when_a_tensor_is_outside_tolerance(monkeypatch, capsys, finite_differences_recorded):
     """With a zero tolerance, the non-bitwise rows (fused, custom) must fail the run."""
     script = load_script("gradcheck")
@@ -339,6 +345,7 @@ def test_script_fails_when_a_tensor_is_outside_tolerance(monkeypatch, capsys, fi
     assert "FAILED" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_script_fails_when_the_atomic_pass_is_not_bitwise(
     monkeypatch, capsys, fresh_traces, finite_differences_recorded
 ):

@@ -49,6 +49,7 @@ def test_reverse_mode_by_transposition_matches_jax_grad(dtype):
 
 @settings(max_examples=6, deadline=None)  # every new shape is a new compile
 @given(n=st.integers(2, 64), classes=st.integers(2, 64), hidden=st.integers(1, 64), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_both_rules_over_random_shapes_float64(n, classes, hidden, seed):
     with jax.enable_x64(True):
         logits, labels = ce_inputs(seed, n, classes, 3.0, jnp.float64)
@@ -104,6 +105,7 @@ def test_a_batch_of_one_is_refused_by_the_jvp_rule_too():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_the_checker_passes_the_custom_jvp_model(dataset, dtype):
     """jax.grad through the transposed rules, in the gradient checker's table, at its tolerances."""
     with jax.enable_x64(dtype == jnp.float64):
@@ -131,6 +133,7 @@ def flat_loss(rules, params, X, Y):
     return flat, lambda v: model.loss(unravel(v), X, Y, rules=rules)
 
 
+@pytest.mark.slow
 def test_jvp_and_jacfwd_through_the_custom_jvp_model(tiny):
     params, X, Y = tiny
     with jax.enable_x64(True):
@@ -185,6 +188,7 @@ def test_forward_mode_through_custom_vjp_fails_with_jaxs_error():
 @pytest.mark.parametrize(
     "module, modes", [(jvp, ("fwd", "rev")), (vjp, ("rev",))], ids=["custom_jvp: fwd+rev", "custom_vjp: rev"]
 )
+@pytest.mark.slow
 def test_second_order_finite_differences(module, modes):
     """check_grads(order=2) in every mode each rule set supports (float64)."""
     with jax.enable_x64(True):

@@ -31,6 +31,7 @@ def test_atomic_pass_equals_jax_grad_bit_for_bit_on_every_intermediate(dataset, 
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.slow
 def test_fused_pass_is_close_to_jax_grad(dataset, dtype):
     tol = gradcheck.tolerance_for(dtype)
     with jax.enable_x64(dtype == jnp.float64):
@@ -44,6 +45,7 @@ def test_fused_pass_is_close_to_jax_grad(dataset, dtype):
 
 @settings(max_examples=2, deadline=None)  # each example is a new shape, so several new compiles
 @given(batch=st.integers(2, 64), hidden=st.integers(1, 64), seed=st.integers(0, 1000))
+@pytest.mark.slow
 def test_fused_pass_over_random_shapes_float64(dataset, batch, hidden, seed):
     tol = gradcheck.tolerance_for(np.float64)
     with jax.enable_x64(True):

@@ -119,3 +119,17 @@ def test_wrong_label_shape_is_caught(small_config, key, batch):
 def test_model_config_rejects_nonsense():
     with pytest.raises(ValueError, match="hidden"):
         model.ModelConfig(hidden=0)
+
+
+def test_the_tutorial_steps_differ_where_a_probability_underflows():
+    """The one exception to "the same value every way" (model.py's docstring): exp(-123) underflows in
+    float32, so log(probs) is -inf and the tutorial's steps give inf, where the shifted log-sum-exp of the
+    other rule sets gives the finite loss ((123 + log(1 + e^-3 + e^-123)) + (log(1 + e^-1 + e^-2))) / 2."""
+    from jaxbirds import jvp, ops, vjp
+
+    logits = jnp.array([[0.0, -120.0, 3.0], [1.0, 2.0, 3.0]], jnp.float32)
+    labels = jnp.array([1, 2])
+    exact = (123 + math.log(1 + math.exp(-3)) + math.log(1 + math.exp(-1) + math.exp(-2))) / 2
+    for rule in (ops.cross_entropy, vjp.cross_entropy, jvp.cross_entropy):
+        assert float(rule(logits, labels)) == pytest.approx(exact, rel=1e-6)
+    assert float(ops.cross_entropy_steps(logits, labels)) == math.inf

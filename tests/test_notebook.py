@@ -9,6 +9,7 @@ nbformat = pytest.importorskip("nbformat")
 NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
 
 
+@pytest.mark.slow
 def test_the_walkthrough_runs_top_to_bottom(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(

@@ -57,6 +57,7 @@ def test_model_k_of_a_sweep_trains_like_its_solo_run(dataset, solo_losses, group
     assert jax.tree_util.tree_structure(inner) == jax.tree_util.tree_structure(solo_state)
 
 
+@pytest.mark.slow
 def test_with_adam_model_k_trains_like_its_solo_run_to_within_rounding(dataset):
     """Adam divides by sqrt(v), which XLA rounds differently in a batched kernel than alone: the
     sweep is not bit-identical here (it is with sgd), but stays within the issue's bound."""
@@ -69,6 +70,7 @@ def test_with_adam_model_k_trains_like_its_solo_run_to_within_rounding(dataset):
         np.testing.assert_allclose(result.losses[k], solo.losses, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_a_diverging_model_leaves_the_others_unchanged(dataset):
     mc, tc = small_configs(dataset, steps=600, chunk_size=200)
     calm = sweep.train_models(dataset.train.X, dataset.train.Y, mc, tc, sweep.grid([0.1, 0.2], [SEED]),
@@ -127,6 +129,7 @@ def sweep_script():
 SMALL = ["--steps", "600", "--chunk", "300", "--hidden", "16", "--log-every", "300"]
 
 
+@pytest.mark.slow
 def test_the_cli_writes_results_a_plot_and_the_best_model_as_a_run(sweep_script, tmp_path, capsys):
     args = [*SMALL, "--lr", "0.05", "0.2", "--seeds", "2", "--out", str(tmp_path)]
     code, out, _ = run_cli(sweep_script, args, capsys)
@@ -165,6 +168,7 @@ def test_a_model_whose_evaluation_overflows_counts_as_diverged(sweep_script, tmp
     assert report["summary"][0]["dev_mean"] is None and report["summary"][0]["diverged"] == 1
 
 
+@pytest.mark.slow
 def test_a_sweep_in_which_every_model_diverges_fails_and_leaves_no_stale_model(sweep_script, tmp_path, capsys):
     ok = [*SMALL, "--lr", "0.1", "--seeds", "1", "--no-plot", "--out", str(tmp_path)]
     assert run_cli(sweep_script, ok, capsys)[0] == 0 and (tmp_path / "checkpoint.npz").exists()
@@ -214,6 +218,7 @@ print(json.dumps({"max_difference": float(np.abs(one.losses - two.losses).max())
 """
 
 
+@pytest.mark.slow
 def test_the_same_sweep_on_one_and_on_two_host_devices_gives_the_same_losses(tmp_path):
     """In a fresh process with the CPU split into two devices (this one already started with one)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -294,6 +299,7 @@ def test_a_stopped_sweep_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_unin
         np.testing.assert_array_equal(best[0].state.params[name], best[1].state.params[name])
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_at_a_chunk_and_resumed_ends_as_an_uninterrupted_one(dataset, tmp_path, capsys):
     """kill -9 (no chance to save) after a random chunk's progress line, then --resume: sweep.json's losses
     are the uninterrupted sweep's, bit for bit (sgd), and at most one chunk was lost."""
@@ -324,6 +330,7 @@ def test_a_sweep_killed_at_a_chunk_and_resumed_ends_as_an_uninterrupted_one(data
     assert [r["loss"] for r in resumed["runs"]] == [r["loss"] for r in straight["runs"]]
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_grid_and_the_shapes_and_refuses_a_run_s_checkpoint(tmp_path, capsys):
     args = ["--hidden", "8", "--steps", "300", "--chunk", "300", "--lr", "0.1", "--seeds", "1", "--no-plot"]
     assert run_cli(load_script("sweep"), [*args, "--out", str(tmp_path)], capsys)[0] == 0
@@ -341,6 +348,7 @@ def test_resume_keeps_the_grid_and_the_shapes_and_refuses_a_run_s_checkpoint(tmp
     assert code == 2 and "holds a single run, not a sweep" in err
 
 
+@pytest.mark.slow
 def test_the_models_evaluated_together_give_each_model_s_own_evaluation(dataset):
     mc, tc = small_configs(dataset, steps=300, chunk_size=300)
     members = sweep.grid([0.1, 0.3], [SEED, SEED + 1])

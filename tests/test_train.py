@@ -38,6 +38,7 @@ def test_loss_decreases_in_every_mode(dataset, data, mode):
     assert first > 3.0 and last < first - 0.6, (first, last)
 
 
+@pytest.mark.slow
 def test_modes_agree_over_the_first_1000_steps_of_the_default_recipe(dataset, data):
     """Same seed: the three modes differ only by rounding, so their loss histories stay together."""
     config = dataclasses.replace(train.TrainConfig(), steps=1_000, chunk_size=1_000)
@@ -98,6 +99,7 @@ def test_no_recompilation_when_only_the_seed_or_the_step_count_changes(dataset, 
     assert len(train._COMPILED) == 2
 
 
+@pytest.mark.slow
 def test_a_chunk_cut_short_by_stop_equals_a_shorter_chunk(dataset, data):
     """The masked steps past ``stop`` change nothing, optimiser state included (adam counts steps)."""
     config = dataclasses.replace(SMALL, optimizer="adam", learning_rate=1e-2, steps=130, chunk_size=100)
@@ -121,6 +123,7 @@ def test_the_state_passed_in_is_donated_to_the_first_chunk(dataset, data):
     assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)))
 
 
+@pytest.mark.slow
 def test_the_learning_rate_drops_at_the_decay_step(dataset, data):
     """One SGD step before and one after ``decay_step``: the update is lr * grad, then lr/10 * grad."""
     config = dataclasses.replace(SMALL, learning_rate=0.1, decay_step=5, decay_factor=0.1)

@@ -99,6 +99,7 @@ def test_empty_data_file_and_bad_checkpoints(train_script, tmp_path, capsys):
     assert code == 2 and "not a readable checkpoint" in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_other_data_is_refused(train_script, tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_text("\n".join(f"bird {c}{c}" for c in "abcdefghij") + "\n")
@@ -177,6 +178,7 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(train_script, tmp_p
     assert (ckpt.state.step, ckpt.train_config.learning_rate, ckpt.train_config.chunk_size) == (1000, 0.05, 250)
 
 
+@pytest.mark.slow
 def test_a_refused_overwrite_leaves_the_saved_run_resumable(train_script, tmp_path, capsys):
     """--overwrite with a configuration refused after the checks of the arguments (here: a training
     program too big for memory) must not have touched the saved checkpoint or its loss log."""
@@ -199,6 +201,7 @@ def test_outputs_are_checked_before_any_training(train_script, tmp_path, capsys)
     assert code == 2 and "metrics.json is a directory" in err and "step" not in out
 
 
+@pytest.mark.slow
 def test_metrics_are_strict_json_when_a_split_is_empty_and_nothing_is_left_to_train(train_script, tmp_path, capsys):
     two = tmp_path / "two.csv"
     two.write_text("emu\nkiwi\n")  # 80/10/10 of two names: train 1, dev 0, test 1
@@ -212,6 +215,7 @@ def test_metrics_are_strict_json_when_a_split_is_empty_and_nothing_is_left_to_tr
     assert metrics["timing"]["steps_per_second"] is None and metrics["step"] == 200
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, tmp_path, capsys):
     """A real SIGINT to a real process; then --resume must end exactly where a straight run ends."""
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
@@ -244,6 +248,7 @@ def test_ctrl_c_saves_and_resume_reaches_the_uninterrupted_result(train_script, 
     assert resumed["loss"] == direct["loss"]
 
 
+@pytest.mark.slow
 def test_a_second_run_compiles_nothing_new_and_the_cache_can_be_turned_off(tmp_path):
     """Two real processes sharing a new cache: the first fills it, the second finds every program there
     (no new entry appears); with --no-compile-cache nothing is written. The cache starts with an entry

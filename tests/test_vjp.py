@@ -80,6 +80,7 @@ def test_batch_norm_rule_matches_jax_grad(dtype):
 
 
 @pytest.mark.parametrize("seed", [2, 3])
+@pytest.mark.slow
 def test_finite_differences_agree_with_both_rules(seed):
     gradcheck.finite_difference_check(jax.random.key(seed))
 
@@ -102,6 +103,7 @@ def _ce_without_mean(residuals, g):
 
 
 @pytest.mark.parametrize("wrong", [_dropped_term, _no_bessel], ids=["dropped term", "no n/(n-1)"])
+@pytest.mark.slow
 def test_finite_difference_check_catches_a_wrong_batch_norm_rule(monkeypatch, wrong):
     """The check is not vacuous, and fine enough to see batch norm's missing n/(n-1), whatever the
     precision the rest of the check runs in (it always differences in float64)."""
@@ -139,6 +141,7 @@ def both_rules(logits, labels, x, gain, bias, dy):
     seed=st.integers(0, 2**16),
 )
 @example(n=2, classes=2, hidden=30, log_scale=2.0, seed=0)  # once a false alarm on dgain (see its floor)
+@pytest.mark.slow
 def test_both_rules_over_random_shapes_and_scales(n, classes, hidden, log_scale, seed):
     """Batch 2-64, classes 2-64, hidden 1-64, inputs from 1e-3 to 1e4 in size, float64."""
     with jax.enable_x64(True):
