@@ -4,7 +4,8 @@
 Each mutant replaces one exact piece of text in one file of ``jaxbirds/`` with a
 plausible bug (a dropped factor, a wrong statistic, a constant where a schedule
 belongs). For each, the default test suite runs with ``-x`` (stop at the first
-failure): a mutant is *killed* if the suite fails, *survives* if it passes. The
+failure), then, if it passed, the slow tests: a mutant is *killed* if either
+fails ("killed (slow)" when only the slow tests do), *survives* if both pass. The
 file is restored after every mutant, whatever happens.
 
 A mutant whose text no longer occurs in the code is reported as *stale*: update
@@ -123,9 +124,9 @@ MUTANTS = [
     ),
     Mutant(
         "divergence-nan-only",
-        "jaxbirds/train.py",
-        "np.flatnonzero(~np.isfinite(chunk_losses))",
-        "np.flatnonzero(np.isnan(chunk_losses))",
+        "jaxbirds/divergence.py",
+        "bad = np.flatnonzero(~np.isfinite(np.asarray(losses)))",
+        "bad = np.flatnonzero(np.isnan(np.asarray(losses)))",
         "an infinite loss is not treated as divergence",
     ),
     Mutant(
@@ -138,8 +139,8 @@ MUTANTS = [
     Mutant(
         "calibration-padding-counted",
         "jaxbirds/evaluate.py",
-        "diff = (model.hidden_preactivation(params, X) - center) * valid[:, None]",
-        "diff = model.hidden_preactivation(params, X) - center",
+        "diff = (lookup_hidden_preactivation(tables, b1, X) - center) * valid[:, None]",
+        "diff = lookup_hidden_preactivation(tables, b1, X) - center",
         "calibration counts the padding rows of its last batch",
     ),
     Mutant(
@@ -201,8 +202,8 @@ MUTANTS = [
     Mutant(
         "sweep-divergence-one-late",
         "jaxbirds/sweep.py",
-        "stop_k = end if not bad.size else step + int(bad[0])",
-        "stop_k = end if not bad.size else step + int(bad[0]) + 1",
+        "stop_k = end if bad is None else step + bad",
+        "stop_k = end if bad is None else step + bad + 1",
         "a diverged model is reported one step late, with its first bad loss kept",
     ),
     Mutant(
@@ -261,26 +262,235 @@ MUTANTS = [
         "def init_params(",
         "parameters are initialised op by op, rounding bngain differently from a sweep's compiled init",
     ),
+    Mutant(
+        "exploded-loss-unbounded",
+        "jaxbirds/divergence.py",
+        "EXPLODED_LOSS = -math.log(float(np.finfo(np.float32).tiny))",
+        'EXPLODED_LOSS = float("inf")',
+        "a finite but exploded loss (4e9) is reported as a result",
+    ),
+    Mutant(
+        "stats-divergence-unchecked",
+        "jaxbirds/divergence.py",
+        "    return statistics_problem(stats) or loss_problem(split_losses)",
+        "    return loss_problem(split_losses)",
+        "the sweep calls a model whose batch-norm statistics overflow a result",
+    ),
+    Mutant(
+        "run-evaluation-divergence-ignored",
+        "jaxbirds/runner.py",
+        "        return _diverged_in_evaluation(problem, result, start, options, plot, helper, say)",
+        "        pass",
+        "train.py reports nan losses of a diverged model and exits 0",
+    ),
+    Mutant(
+        "sweep-own-divergence-rule",
+        "jaxbirds/sweep_runner.py",
+        "if divergence.evaluation_problem(evaluation.stats, evaluation.loss) is not None:",
+        "if not all(loss is None or math.isfinite(loss) for loss in evaluation.loss.values()):",
+        "the sweep keeps its own definition of divergence, so an exploded model wins",
+    ),
+    Mutant(
+        "outputs-checked-partly",
+        "jaxbirds/outputs.py",
+        "    for name in ALL_FILES:\n        if (out / name).is_dir():",
+        "    for name in RUN_FILES:\n        if (out / name).is_dir():",
+        "the up-front check misses files the other script writes or removes",
+    ),
+    Mutant(
+        "outputs-created-on-refusal",
+        "jaxbirds/outputs.py",
+        "        lock.release()\n        _remove_if_empty(out, created)",
+        "        lock.release()",
+        "a refused run leaves the --out it made for its lock behind",
+    ),
+    Mutant(
+        "lock-not-taken",
+        "jaxbirds/outputs.py",
+        "        lock.acquire()\n",
+        "        pass\n",
+        "two runs into one --out both go ahead",
+    ),
+    Mutant(
+        "evaluation-progress-chatty",
+        "jaxbirds/evaluate.py",
+        "if (done >= total and reported[0]) or (done < total and now - last[0] >= seconds):",
+        "if done >= total or now - last[0] >= seconds:",
+        "a short evaluation phase prints progress lines",
+    ),
+    Mutant(
+        "evaluation-stop-not-polled",
+        "jaxbirds/evaluate.py",
+        "        if should_stop():\n",
+        "        if False:\n",
+        "a stop request during evaluation is ignored until it ends",
+    ),
+    Mutant(
+        "lookup-one-table",
+        "jaxbirds/evaluate.py",
+        "rows = [tables[j][X[:, j]] for j in range(X.shape[1])]",
+        "rows = [tables[0][X[:, j]] for j in range(X.shape[1])]",
+        "the first position's table is used for every position",
+    ),
+    Mutant(
+        "lookup-no-bias",
+        "jaxbirds/evaluate.py",
+        "return sum(rows[1:], start=rows[0]) + b1",
+        "return sum(rows[1:], start=rows[0])",
+        "the lookup-table first layer forgets b1",
+    ),
+    Mutant(
+        "tables-wrong-block",
+        "jaxbirds/evaluate.py",
+        "C @ W1[j * E : (j + 1) * E]",
+        "C @ W1[j : j + E]",
+        "a position's table is built from the wrong rows of W1",
+    ),
+    Mutant(
+        "eval-batch-counts-embedded-input",
+        "jaxbirds/evaluate.py",
+        "per_row = LIVE_BUFFERS * (hidden + vocab) * itemsize",
+        'per_row = LIVE_BUFFERS * (hidden + vocab + params["W1"].shape[0]) * itemsize',
+        "evaluation batches are sized for an embedded input that is never built",
+    ),
+    Mutant(
+        "empty-name-blank",
+        "jaxbirds/sample.py",
+        '    return (name or EMPTY_NAME) + ("" if finished else " ...")',
+        '    return name + ("" if finished else " ...")',
+        "an empty sampled name prints as a blank line",
+    ),
+    Mutant(
+        "checkpoint-narrow-net",
+        "jaxbirds/checkpoint.py",
+        "    except Exception as err:  # whichever it is, these bytes are not a readable archive",
+        "    except zipfile.BadZipFile as err:",
+        "damage that zipfile reports as another exception escapes with a traceback",
+    ),
+    Mutant(
+        "checkpoint-future-version",
+        "jaxbirds/checkpoint.py",
+        "    if version > VERSION:",
+        "    if version > VERSION + 1:",
+        "a checkpoint of a newer format loads as if it were current",
+    ),
+    Mutant(
+        "checkpoint-dtype-kind",
+        "jaxbirds/checkpoint.py",
+        "    if array.dtype != dtype:",
+        "    if array.dtype.kind != dtype.kind:",
+        "float16 parameters and int64 optimiser counters are accepted",
+    ),
+    Mutant(
+        "checkpoint-finite-wrong-arrays",
+        "jaxbirds/checkpoint.py",
+        'if not name.startswith("opt/") and not np.isfinite(array[training] if stack else array).all():',
+        'if name.startswith("opt/") and not np.isfinite(array[training] if stack else array).all():',
+        "NaN parameters load, and a legitimate inf in adam's state is refused",
+    ),
+    Mutant(
+        "loss-log-crc-unchecked",
+        "jaxbirds/checkpoint.py",
+        "        if crc32 is not None and zlib.crc32(data.tobytes()) != crc32:",
+        "        if False:",
+        "a loss log that is not the checkpoint's own is read as its history",
+    ),
+    Mutant(
+        "overwrite-cuts-old-log-first",
+        "jaxbirds/checkpoint.py",
+        "        first, replace_first = not self._started, not self._started and self._replacing",
+        "        first, replace_first = not self._started, False",
+        "--overwrite cuts the old run's log before the new run's first checkpoint exists",
+    ),
+    Mutant(
+        "sweep-resume-from-scratch",
+        "jaxbirds/sweep.py",
+        "        params, opt_states = jax.device_put((start.params, start.opt_states), per_model)",
+        "        pass",
+        "a resumed sweep trains its models again from their initialisation",
+    ),
+    Mutant(
+        "sweep-lr-duplicates-in-float64",
+        "jaxbirds/sweep.py",
+        "    as_used = [float(np.float32(lr)) for lr in learning_rates]",
+        "    as_used = list(learning_rates)",
+        "learning rates equal in float32 train two identical models",
+    ),
+    Mutant(
+        "memory-one-device",
+        "jaxbirds/memory.py",
+        "        require(needed * copies, what + where, hint, budget)",
+        "        require(needed, what + where, hint, budget)",
+        "host devices sharing one memory are counted as one",
+    ),
+    Mutant(
+        "sweep-plot-fixed-window",
+        "jaxbirds/plots.py",
+        "    window = window_for(np.shape(losses)[-1], window)",
+        "    window = window",
+        "a sweep shorter than one window draws an empty panel",
+    ),
+    Mutant(
+        "report-block-not-replaced",
+        "jaxbirds/report.py",
+        "            pieces += [text[done : block.start], contents[name]]",
+        "            pieces += [text[done : block.end]]",
+        "bench.py --report leaves a block's old table",
+    ),
+    Mutant(
+        "report-missing-block-accepted",
+        "jaxbirds/report.py",
+        "    missing = [name for name in names if name not in blocks]",
+        "    missing = []",
+        "a study without a block in the report is found only after measuring",
+    ),
+    Mutant(
+        "report-skipped-study-overwritten",
+        "jaxbirds/report.py",
+        "    filled = [name for name in names if results.get(name)]",
+        "    filled = [name for name in names if name in results]",
+        "a skipped study (torch absent) blanks its table",
+    ),
+    Mutant(
+        "plots-switch-backend",
+        "jaxbirds/plots.py",
+        "    return Figure(figsize=figsize)",
+        '    import matplotlib.pyplot as plt\n\n    plt.switch_backend("Agg")\n    return Figure(figsize=figsize)',
+        "drawing switches a notebook's matplotlib backend",
+    ),
+    Mutant(
+        "vjp-softmax-residual-stop-gradient",
+        "jaxbirds/vjp.py",
+        "    probs = counts / counts_sum",
+        "    probs = jax.lax.stop_gradient(counts / counts_sum)",
+        "the custom_vjp rule's first derivative is right, its second (jax.hessian) wrong",
+    ),
 ]
 
 
 def run_suite(timeout: float, tests: list[str]) -> tuple[str, float]:
-    """Run the default suite, stopping at the first failure: ``("SURVIVED" | "killed" | "timed out", seconds)``.
+    """Run the default suite, stopping at the first failure, then, if it passed, the slow tests:
+    ``("SURVIVED" | "killed" | "killed (slow)" | "timed out", seconds)``.
 
-    A time-out is reported as such, not as a kill: it may be a mutant that hangs
-    (caught) or a survivor on a slow machine (not caught). Raise ``--timeout``
-    to tell which.
+    The slow tests are part of the suite (CI runs them too); a mutant only they kill
+    is reported as such, so that a test's move to ``slow`` shows in this list. A
+    time-out is reported as such, not as a kill: it may be a mutant that hangs
+    (caught) or a survivor on a slow machine (not caught). Raise ``--timeout`` to
+    tell which.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree's package, even beside an editable install
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider", *tests],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return "timed out", time.perf_counter() - t0
-    return ("SURVIVED" if proc.returncode == 0 else "killed"), time.perf_counter() - t0
+    for selection, verdict in ((), "killed"), (("-m", "slow"), "killed (slow)"):
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider", *selection, *tests],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return "timed out", time.perf_counter() - t0
+        if proc.returncode not in (0, 5):  # 5: the selection holds no test (e.g. --tests without slow ones)
+            return verdict, time.perf_counter() - t0
+    return "SURVIVED", time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
