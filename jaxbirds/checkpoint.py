@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jaxbirds import outputs
 from jaxbirds.data import Vocabulary
 from jaxbirds.errors import JaxbirdsError
 from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, param_shapes
@@ -48,7 +49,7 @@ from jaxbirds.train import TrainConfig, TrainState
 FORMAT = "jaxbirds-checkpoint"
 VERSION = 3  # 3 added "sweep" and "loss_log_crc32"; version 2 files (without them) still load
 OLDEST_READ = 2
-LOSS_LOG = "losses.f32"
+LOSS_LOG = outputs.LOSS_LOG
 ZIP_SIGNATURE = b"PK\x03\x04"  # how every zip archive, and so every .npz file, begins
 PARAM_DTYPE = np.dtype(np.float32)  # of parameters and statistics: every run trains in float32
 HEADER_FIELDS = {
@@ -484,7 +485,7 @@ class Writer:
         self.seconds, self.waited_seconds = 0.0, 0.0
         self.steps_logged = keep
         self.crc32 = log.crc32(keep) if keep else 0
-        self._keep, self._started, self._replacing, self._after_first = keep, False, replacing, after_first
+        self._keep, self._started, self.replacing, self._after_first = keep, False, replacing, after_first
         self._pending: list[tuple[Checkpoint, np.ndarray]] = []
         self._error: BaseException | None = None
         self._closed, self._busy = False, False
@@ -549,7 +550,7 @@ class Writer:
         for _, losses in batch:
             crc = zlib.crc32(self.log.encode(losses), crc)
         newest = batch[-1][0]._replace(loss_log_crc32=crc)
-        first, replace_first = not self._started, not self._started and self._replacing
+        first, replace_first = not self._started, not self._started and self.replacing
         if replace_first:  # the new run's first checkpoint replaces the old run's before its log is touched
             save(self.path, newest)
         if first:

@@ -10,8 +10,12 @@ calibrated statistics are passed, as after training.
 
 :func:`forward` is the one definition of the forward pass: training, evaluation,
 sampling, both manual backward passes and the gradient checker all run it.
-``rules`` picks how its two non-trivial operations are written; the value is
-the same every way, only the way to the gradient differs:
+``rules`` picks how its two non-trivial operations are written. The value is
+the same every way up to rounding, and the way to the gradient differs, with one
+exception: the tutorial's steps take ``log(probs)``, which is ``-inf`` where a
+probability underflows to 0 (a target logit ~100 below its row's maximum in
+float32), so their loss is ``inf`` where the other rule sets' shifted
+log-sum-exp gives the finite value (``tests/test_model.py`` shows both):
 
 * ``"autodiff"``   - :mod:`jaxbirds.ops` (``batch_norm``, ``cross_entropy``); JAX derives the backward pass;
 * ``"custom_vjp"`` - :mod:`jaxbirds.vjp`, whose backward passes are written by hand;

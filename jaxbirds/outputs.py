@@ -28,6 +28,7 @@ the disk as it was. The writer creates the directory when it first writes.
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -147,9 +148,10 @@ def remove_stale(out: Path, keep: Sequence[str] = ()) -> None:
 def claimed(out: Path) -> Iterator[Path]:
     """Hold ``out``'s lock while the block runs: no other run can use ``out`` meanwhile.
 
-    The directory is created to hold the lock file. If the block ends with ``out`` holding nothing but the
-    lock (the run was refused before its first write), what this call created is removed again, so a
-    refused command leaves the disk as it was.
+    The directory is created to hold the lock file. If the block ends having written nothing (the run was
+    refused before its first write), what this call created is removed again, the lock file while it is
+    still held: a refused command leaves the disk as it was. A run refused *because* another holds the lock
+    removes nothing (the directory and the lock are the other run's).
 
     Raises:
       OutputError: another process holds the lock (a run is using ``out``), or ``out`` cannot be created.
@@ -159,32 +161,28 @@ def claimed(out: Path) -> Iterator[Path]:
     created = [p for p in (absolute, *absolute.parents) if not p.exists()]
     check_writable_dir(out)
     make_dir(out)
+    had_lock = (out / LOCK).exists()
+    before = set(os.listdir(out)) - {LOCK}
     lock = filelock.FileLock(out / LOCK, timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
-        _remove_if_empty(out, created)
         raise OutputError(
             f"{out} is in use by another run (it holds the lock {out / LOCK}); wait for that run to end, "
             "or give another --out"
         ) from None
     except OSError as err:
-        _remove_if_empty(out, created)
         raise OutputError(f"cannot lock {out / LOCK}: {err.strerror or err}") from None
     try:
         yield out
     finally:
+        untouched = out.is_dir() and set(os.listdir(out)) - {LOCK} == before
+        if untouched and not had_lock:
+            (out / LOCK).unlink(missing_ok=True)  # still held: no other run can have taken it meanwhile
         lock.release()
-        _remove_if_empty(out, created)
-
-
-def _remove_if_empty(out: Path, created: Sequence[Path]) -> None:
-    """Remove the directories in ``created`` (innermost first) if ``out`` holds nothing but its lock file."""
-    if not created or not out.is_dir() or any(p.name != LOCK for p in out.iterdir()):
-        return
-    (out / LOCK).unlink(missing_ok=True)
-    for directory in created:  # innermost first
-        try:
-            directory.rmdir()
-        except OSError:
-            return
+        if untouched and not before:
+            for directory in created:  # innermost first; a directory another process filled meanwhile stays
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break

@@ -132,6 +132,12 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
     return write(fig, path)
 
 
+def window_for(steps: int, window: int) -> int:
+    """``window``, or for a history of fewer than ten windows a window a tenth of it (at least one step),
+    so that every curve has points to draw."""
+    return max(1, min(window, steps // 10))
+
+
 def _window_means(losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     """The window centres and the mean of log10(loss) over each whole window of ``window`` steps."""
     log_loss = np.log10(np.asarray(losses, dtype=np.float64))
@@ -171,13 +177,14 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     left.set_title("dev loss by learning rate, over seeds")
     left.legend()
     left.grid(alpha=0.3)
+    window = window_for(np.shape(losses)[-1], window)  # a short sweep gets shorter windows, not an empty panel
     for run, history in zip(runs, losses, strict=True):
         finite = history[np.isfinite(history)]  # a diverged model's curve ends where it diverged
         if len(finite) >= window:
             right.plot(*_window_means(finite, window), color=colours[run["learning_rate"]], alpha=0.5, linewidth=0.8)
     for lr in rates:
         right.plot([], [], color=colours[lr], label=f"lr {lr:g}")
-    right.set_xlabel(f"step (mean over windows of {window:,})")
+    right.set_xlabel(f"step (mean over windows of {window:,})" if window > 1 else "step")
     right.set_ylabel("log10(training loss)")
     right.set_title("training loss of every model")
     right.legend(fontsize=8)

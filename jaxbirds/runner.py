@@ -86,17 +86,38 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     outputs.prepare(out, outputs.ALL_FILES, "a saved run", outputs.CHECKPOINT, resume=resume, overwrite=overwrite)
 
 
-def _diverged(result, start: Checkpoint, writer, loss_log: LossLog, options: RunOptions, say) -> int:
-    """Save the last state whose loss is finite (log first, then checkpoint) and say what to do."""
+def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool | None = None) -> checkpoint.Writer:
+    """The background writer of a run's checkpoint and loss log, continuing the log's first ``keep`` steps.
+
+    A new run into an ``--out`` that holds results (``--overwrite``: the up-front check refused it
+    otherwise) *replaces* them: their files go only once the new run's first checkpoint is on disk
+    (see :class:`checkpoint.Writer`). A resumed run removes nothing: what else ``--out`` holds (a
+    sweep's state and results, say) is not the run's to replace.
+    """
+    if replacing is None:
+        replacing = start.state.step == 0 and any((options.out / name).exists() for name in outputs.ALL_FILES)
+    after_first = (
+        (lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, outputs.LOSS_LOG))) if replacing else None
+    )
+    return checkpoint.Writer(
+        options.out / CHECKPOINT, LossLog(options.out / outputs.LOSS_LOG), keep, replacing, after_first
+    )
+
+
+def _diverged(result, start: Checkpoint, writer, options: RunOptions, say) -> int:
+    """Save the last state whose loss is finite and say what to do.
+
+    Saved as the writer saves any chunk (a writer of its own, the training one being closed): the log cut to
+    the steps it keeps, then this call's steps appended, the checkpoint stamped with their CRC-32, and an
+    ``--overwrite`` run's old files removed only once the new checkpoint is on disk.
+    """
     ckpt_path, out = outputs.make_dir(options.out) / CHECKPOINT, shlex.quote(str(options.out))
     good = result.state
-    logged = writer.steps_logged
-    if not writer.started:
-        loss_log.truncate(start.state.step)
-    if good.step > logged:  # the log always holds at least the checkpoint's steps
-        loss_log.append(result.losses[logged : good.step])
-    crc = loss_log.crc32(good.step)
-    checkpoint.save(ckpt_path, start._replace(state=jax.device_get(good), stats=None, loss_log_crc32=crc))
+    keep = min(writer.steps_logged, good.step)  # the log holds at least the saved steps; cut to the good state
+    replacing = writer.replacing and not writer.started
+    final = _writer(options, start, keep, replacing=replacing)
+    final.submit(start._replace(state=jax.device_get(good), stats=None), result.losses[keep : good.step])
+    final.close()
     lr = start.train_config.learning_rate
     if good.step == result.diverged_at:
         say(
@@ -236,15 +257,9 @@ def run(
     warmed_up = helper.submit(_warm_up, stand_in, dataset, start.model_config.context_size, options)
     ckpt_path = options.out / CHECKPOINT
     tc = start.train_config
-    loss_log = LossLog(options.out / checkpoint.LOSS_LOG)
-    history = loss_log.read(start.state.step, start.loss_log_crc32)  # nothing is written before the first chunk
-    # A new run into an --out that holds a checkpoint replaces it (--overwrite): the old run's files go only
-    # once the new run's first checkpoint is on disk (see checkpoint.Writer).
-    replacing = start.state.step == 0 and ckpt_path.exists()
-    writer = checkpoint.Writer(
-        ckpt_path, loss_log, keep=start.state.step, replacing=replacing,
-        after_first=lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, checkpoint.LOSS_LOG)),
-    )  # fmt: skip
+    # nothing is written before the first chunk
+    history = LossLog(options.out / outputs.LOSS_LOG).read(start.state.step, start.loss_log_crc32)
+    writer = _writer(options, start, keep=start.state.step)
     recent = collections.deque(maxlen=options.log_every)
     next_log = [start.state.step + options.log_every]
 
@@ -279,15 +294,18 @@ def run(
         wait_seconds = time.perf_counter() - t_wait + writer.waited_seconds  # at the end, and before chunks
     trained = result.state.step - start.state.step
     rate = trained / result.train_seconds if result.train_seconds > 0 else float("nan")
-    say(
-        f"trained {trained:,} steps in {result.train_seconds:.1f} s ({rate:,.0f} steps/s; "
-        f"compile {result.compile_seconds:.1f} s; saving {writer.seconds:.1f} s in the background, "
-        f"{wait_seconds:.2f} s waited for)"
-    )
+    if trained:
+        say(
+            f"trained {trained:,} steps in {result.train_seconds:.1f} s ({rate:,.0f} steps/s; "
+            f"compile {result.compile_seconds:.1f} s; saving {writer.seconds:.1f} s in the background, "
+            f"{wait_seconds:.2f} s waited for)"
+        )
+    else:
+        say(f"nothing left to train: the saved run is at step {result.state.step:,} of {tc.steps:,}")
     if result.diverged_at is not None or result.stopped:
         helper.shutdown(wait=False, cancel_futures=True)  # no evaluation follows: the warm-up is of no use
     if result.diverged_at is not None:
-        return _diverged(result, start, writer, loss_log, options, say)
+        return _diverged(result, start, writer, options, say)
     if result.stopped:
         say(
             f"interrupted at step {result.state.step:,}: saved {ckpt_path}; continue with "

@@ -304,12 +304,13 @@ def train_models(
     args = (params, opt_states, jnp.int32(0), jax.device_put(stops, per_model), X, Y, data_keys)
     chunk = compile_models_chunk(tc, length, mesh, *args, group=group)
     devices = list(mesh.devices.flat)
-    memory.require_compiled(
-        chunk, f"a sweep chunk of {count:,} models × {length:,} steps at batch {tc.batch_size:,}",
-        "use fewer models, a smaller --chunk or --batch-size"
-        + (", or more --devices" if memory.more_devices_help(devices) else ""),
-        memory_budget, copies=memory.devices_sharing_memory(devices),
-    )  # fmt: skip
+    with distributed.agreed_errors():  # one host's memory may refuse it: then every process stops, with its line
+        memory.require_compiled(
+            chunk, f"a sweep chunk of {count:,} models × {length:,} steps at batch {tc.batch_size:,}",
+            "use fewer models, a smaller --chunk or --batch-size"
+            + (", or more --devices" if memory.more_devices_help(devices) else ""),
+            memory_budget, copies=memory.devices_sharing_memory(devices),
+        )  # fmt: skip
     compile_seconds = time.perf_counter() - t0
 
     losses = np.full((count, tc.steps), np.nan, np.float32)
@@ -383,11 +384,29 @@ def evaluate_member(params: model.Params, splits: dict) -> Evaluation:
     return Evaluation(stats, {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in splits.items()})
 
 
-def evaluate_members(params: model.Params, splits: dict) -> list[Evaluation]:
+def evaluate_members(
+    params: model.Params,
+    splits: dict,
+    progress: Callable[[str], evaluate.Progress] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Evaluation]:
     """:func:`evaluate_member` of every model of stacked ``params`` (K, ...), all K in one program per batch
-    (``vmap``): the same numbers to rounding, in one pass over the data instead of K."""
-    stats = evaluate.calibrate(params, splits["train"].X, models=True)
-    losses = {name: evaluate.split_loss(params, stats, s.X, s.Y, models=True) for name, s in splits.items()}
+    (``vmap``): the same numbers to rounding, in one pass over the data instead of K.
+
+    ``progress(label)`` makes the progress callback of each phase (see :func:`jaxbirds.runner.progress_line`);
+    ``should_stop`` is polled between batches (:class:`jaxbirds.evaluate.Stopped`).
+    """
+    report = progress or (lambda label: None)
+    stats = evaluate.calibrate(
+        params, splits["train"].X, models=True, progress=report("calibrating batch norm"), should_stop=should_stop
+    )
+    losses = {
+        name: evaluate.split_loss(
+            params, stats, s.X, s.Y, models=True, progress=report(f"evaluating the {name} split"),
+            should_stop=should_stop,
+        )
+        for name, s in splits.items()
+    }  # fmt: skip
     count = params["W1"].shape[0]
     return [
         Evaluation(member(stats, k), {name: None if loss is None else loss[k] for name, loss in losses.items()})

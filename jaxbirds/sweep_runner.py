@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import TextIO
 
 import jax
+import numpy as np
 
-from jaxbirds import checkpoint, cli, divergence, outputs, plots, runner, sweep, train
+from jaxbirds import checkpoint, cli, divergence, evaluate, outputs, plots, runner, sweep, train
 from jaxbirds.checkpoint import Checkpoint, CheckpointError, DataSource, LossLog, SweepMembers
 from jaxbirds.data import Dataset
 from jaxbirds.errors import OutputError
@@ -56,9 +57,9 @@ class SweepOptions:
 CHANGEABLE = ("steps", "decay_step", "chunk_size")
 
 
-def load_resumable(out: Path, data_path: Path | None, asked: dict) -> tuple[Checkpoint, Dataset, list[str]]:
+def load_resumable(out: Path, data_path: Path | None, asked: dict) -> tuple[Checkpoint, np.ndarray, Dataset, list[str]]:
     """The sweep saved in ``out`` with the changes ``asked`` for (``cli.given`` of the training flags), its
-    data, and a line per change; its members are ``checkpoint.sweep``'s.
+    loss history (K, step), its data, and a line per change; its members are ``checkpoint.sweep``'s.
 
     Raises:
       CheckpointError: no readable sweep checkpoint in ``out`` (a run's checkpoint is not one).
@@ -68,7 +69,8 @@ def load_resumable(out: Path, data_path: Path | None, asked: dict) -> tuple[Chec
     if saved.sweep is None:
         raise CheckpointError(f"{Path(out) / SWEEP_STATE} holds a single run, not a sweep")
     train_config, described = cli.resumed_config(asked, saved, CHANGEABLE)
-    return saved._replace(train_config=train_config), dataset, described
+    history = LossLog(Path(out) / SWEEP_LOSSES, len(saved.sweep.seeds)).read(saved.state.step, saved.loss_log_crc32)
+    return saved._replace(train_config=train_config), history, dataset, described
 
 
 def members_of(saved: Checkpoint) -> tuple[Member, ...]:
@@ -91,9 +93,11 @@ def run(
     should_stop: Callable[[], bool] = lambda: False,
     log: TextIO | None = None,
     resume_from: Checkpoint | None = None,
+    history: np.ndarray | None = None,
 ) -> int:
     """Train, evaluate and report a sweep; returns an exit code (0, 1 if every model diverged, 130 if
-    interrupted).
+    interrupted). ``resume_from``: a sweep's checkpoint to continue, ``history`` its loss history (read
+    from ``options.out`` if not given).
 
     Every model's state and losses are saved after every chunk, on a background thread (:data:`SWEEP_STATE`,
     :data:`SWEEP_LOSSES`): a crash loses at most one chunk, and ``resume_from`` (that checkpoint, loaded)
@@ -107,11 +111,12 @@ def run(
         plots.require()
     t_start = time.perf_counter()
     mesh = sweep.make_mesh(options.devices)
-    start, history = None, None
+    start = None
     if resume_from is not None:
         s = resume_from.state
         start = sweep.SweepState(s.params, s.opt_state, s.step, resume_from.sweep.diverged_at)
-        history = LossLog(options.out / SWEEP_LOSSES, len(members)).read(s.step, resume_from.loss_log_crc32)
+        if history is None:  # scripts/sweep.py reads it with its other checks (load_resumable)
+            history = LossLog(options.out / SWEEP_LOSSES, len(members)).read(s.step, resume_from.loss_log_crc32)
     next_log = [(0 if start is None else start.step) // options.log_every * options.log_every + options.log_every]
     writer = _state_writer(options, len(members), start) if jax.process_index() == 0 else None
     source = DataSource(dataset.source, dataset.sha256)
@@ -152,16 +157,31 @@ def run(
                 raise OutputError(f"cannot save the sweep's checkpoint {options.out / SWEEP_STATE}: {err}") from None
     saving = (writer.seconds, writer.waited_seconds + time.perf_counter() - t_wait) if writer else (0.0, 0.0)
     rate = result.model_steps / result.train_seconds if result.train_seconds > 0 else float("nan")
-    say(
-        f"trained {len(members)} models × {result.step:,} steps in {result.train_seconds:.1f} s "
-        f"({rate:,.0f} model-steps/s on {options.devices} device(s); compile {result.compile_seconds:.1f} s; "
-        f"checkpoints {saving[0]:.1f} s in the background, {saving[1]:.2f} s waited for)"
-    )
+    trained = result.step - (0 if start is None else start.step)
+    if trained:
+        say(
+            f"trained {len(members)} models × {trained:,} steps in {result.train_seconds:.1f} s "
+            f"({rate:,.0f} model-steps/s on {options.devices} device(s); compile {result.compile_seconds:.1f} s; "
+            f"checkpoints {saving[0]:.1f} s in the background, {saving[1]:.2f} s waited for)"
+        )
+    else:
+        say(f"nothing left to train: the saved sweep is at step {result.step:,} of {train_config.steps:,}")
 
     t0 = time.perf_counter()
     runs, evaluations = [], []
     # Every model at once, in one program per batch; a diverged model's numbers are computed and ignored.
-    evaluated = sweep.evaluate_members(result.params, dataset.splits)
+    try:
+        evaluated = sweep.evaluate_members(
+            result.params, dataset.splits, progress=lambda label: runner.progress_line(say, label),
+            should_stop=None if result.stopped else should_stop,  # a stop in training asked for these results
+        )  # fmt: skip
+    except evaluate.Stopped:
+        say(
+            f"interrupted during evaluation, after step {result.step:,}: every model's state is saved in "
+            f"{options.out / SWEEP_STATE}; evaluate it with python scripts/sweep.py --resume "
+            f"--out {shlex.quote(str(options.out))}"
+        )
+        return runner.INTERRUPTED
     for k, m in enumerate(members):
         evaluation, diverged_at = None, result.diverged_at[k]
         if diverged_at is None:
@@ -179,9 +199,9 @@ def run(
 
     if jax.process_index() != 0:
         return runner.INTERRUPTED if result.stopped else runner.OK
-    # Evaluated: the results written before, by an earlier part of this sweep, are replaced.
+    # Evaluated: sweep.json, sweep.png and the best model are (re)written below; what an earlier part of this
+    # sweep wrote is replaced, and what another run left was removed with the first checkpoint (--overwrite).
     outputs.make_dir(options.out)
-    outputs.remove_stale(options.out, keep=(SWEEP_STATE, SWEEP_LOSSES))
     if best is not None:
         _save_best(result, best, members[best], evaluations[best], dataset, model_config, train_config, options)
         say(f"saved the best model (lr {members[best].learning_rate:g}, seed {members[best].seed}) as "
@@ -233,12 +253,17 @@ def run(
 
 def _state_writer(options: SweepOptions, models: int, start: sweep.SweepState | None) -> checkpoint.Writer:
     """The background writer of the sweep's checkpoint. A new sweep into an ``--out`` that held results
-    (``--overwrite``) removes them only once its first checkpoint is on disk (see :class:`checkpoint.Writer`)."""
+    (``--overwrite``) removes them only once its first checkpoint is on disk (see :class:`checkpoint.Writer`);
+    a resumed one removes nothing (a run continued from its best model, say, is not the sweep's to replace)."""
+    replacing = start is None and any((options.out / name).exists() for name in outputs.ALL_FILES)
+
+    def remove_the_old_results() -> None:
+        outputs.remove_stale(options.out, keep=(SWEEP_STATE, SWEEP_LOSSES))
+
+    log, keep = LossLog(options.out / SWEEP_LOSSES, models), 0 if start is None else start.step
     return checkpoint.Writer(
-        options.out / SWEEP_STATE, LossLog(options.out / SWEEP_LOSSES, models), keep=0 if start is None else start.step,
-        replacing=start is None,
-        after_first=lambda: outputs.remove_stale(options.out, keep=(SWEEP_STATE, SWEEP_LOSSES)),
-    )  # fmt: skip
+        options.out / SWEEP_STATE, log, keep, replacing, remove_the_old_results if replacing else None
+    )
 
 
 def _save_best(result, k, m: Member, evaluation, dataset, model_config, train_config, options) -> None:
@@ -248,7 +273,7 @@ def _save_best(result, k, m: Member, evaluation, dataset, model_config, train_co
     state = train.TrainState(sweep.member(result.params, k), opt_state, result.step)
     solo = dataclasses.replace(train_config, learning_rate=m.learning_rate, seed=m.seed)
     source = DataSource(dataset.source, dataset.sha256)
-    log = LossLog(options.out / checkpoint.LOSS_LOG)
+    log = LossLog(options.out / outputs.LOSS_LOG)
     log.truncate(0)
     log.append(result.losses[k])
     saved = Checkpoint(state, evaluation.stats, dataset.vocab, model_config, solo, source,

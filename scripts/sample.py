@@ -42,13 +42,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cli.use_compile_cache(args)
     ckpt = checkpoint.load(args.checkpoint)
+    if ckpt.sweep is not None:
+        raise ConfigError(
+            f"{args.checkpoint} holds a sweep's {len(ckpt.sweep.seeds)} models; sample from its best one, "
+            f"{args.checkpoint.parent / runner.CHECKPOINT}"
+        )
     stats = ckpt.stats
     dataset = data.load_dataset(args.data, ckpt.model_config.context_size)
     checkpoint.check_compatible(ckpt, dataset.vocab, dataset.context_size)
     sample.check_fits(ckpt.state.params, args.count, args.max_length, ckpt.model_config.context_size)
-    if stats is None:  # a run interrupted before calibration: calibrate now
+    if stats is None:  # a run stopped before its evaluation, or one that diverged in it: evaluate now
         stats = evaluate.calibrate(ckpt.state.params, dataset.train.X)
-    problem = divergence.statistics_problem(stats)
+        problem = divergence.statistics_problem(stats) or divergence.loss_problem(
+            {"train": evaluate.split_loss(ckpt.state.params, stats, dataset.train.X, dataset.train.Y)}
+        )
+    else:  # saved after an evaluation that was a result (runner.run)
+        problem = divergence.statistics_problem(stats)
     if problem is not None:
         raise ConfigError(f"the model in {args.checkpoint} has diverged ({problem}): it has no names to give")
     samples = sample.sample_names(

@@ -181,7 +181,7 @@ GRID_FLAGS = ("--lr", "--lr-range", "--seeds", "--seed-list", "--seed")
 def _sweep(args, held: contextlib.ExitStack) -> int:
     first = jax.process_index() == 0
     say = functools.partial(print, flush=True) if first else lambda *_: None
-    resumed, changes = None, []
+    resumed, history, changes = None, None, []
     with distributed.agreed_errors():  # a process that refuses its input stops every process
         cli.use_compile_cache(args)
         if first:  # one sweep or run at a time in --out, from these checks to the last write
@@ -191,7 +191,7 @@ def _sweep(args, held: contextlib.ExitStack) -> int:
             if grid:
                 raise ConfigError(f"{' '.join(grid)}: the models of a saved sweep are its own; --resume continues them")
             asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
-            resumed, dataset, changes = sweep_runner.load_resumable(args.out, args.data, asked)
+            resumed, history, dataset, changes = sweep_runner.load_resumable(args.out, args.data, asked)
             model_config, train_config = resumed.model_config, resumed.train_config
             members = sweep_runner.members_of(resumed)
             sweep.check_fits(model_config, train_config, len(members))
@@ -232,7 +232,15 @@ def _sweep(args, held: contextlib.ExitStack) -> int:
     options = sweep_runner.SweepOptions(out=args.out, devices=devices, plot=not args.no_plot, log_every=args.log_every)
     with cli.stop_requested() as stop:
         return sweep_runner.run(
-            dataset, model_config, train_config, members, options, stop.is_set, log=sys.stdout, resume_from=resumed
+            dataset,
+            model_config,
+            train_config,
+            members,
+            options,
+            stop.is_set,
+            log=sys.stdout,
+            resume_from=resumed,
+            history=history,
         )
 
 

@@ -90,6 +90,7 @@ def test_a_second_run_into_a_directory_in_use_is_refused_and_a_killed_one_blocks
         with pytest.raises(OutputError, match="in use by another run"):
             with outputs.claimed(out_dir):
                 pass  # pragma: no cover
+        assert (out_dir / outputs.LOCK).exists()  # the refused run took nothing away from the one holding it
         code, out, err = run_cli(load_script("train"), [*SMALL, "--steps", "300", "--out", str(out_dir)], capsys)
         assert code == 2 and "in use by another run" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()  # nothing was written: what the lock needed is gone again
@@ -120,3 +121,11 @@ with outputs.claimed(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)
 """
+
+
+def test_a_refused_command_into_an_existing_directory_leaves_it_as_it_was(tmp_path, capsys):
+    (tmp_path / outputs.SWEEP_JSON).write_text("{}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(load_script("train"), [*SMALL, "--steps", "300", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no lock file left behind either

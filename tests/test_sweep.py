@@ -341,8 +341,11 @@ def test_resume_keeps_the_grid_and_the_shapes_and_refuses_a_run_s_checkpoint(tmp
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
     code, out, _ = run_cli(load_script("sweep"), ["--resume", "--steps", "600", "--out", str(tmp_path)], capsys)
     assert code == 0 and "--steps 300 -> 600" in out and strict_json(tmp_path / "sweep.json")["steps"] == 600
-    code, _, err = run_cli(load_script("train"), ["--resume", "--out", str(tmp_path)], capsys)  # its best model
-    assert code == 0
+    # its best model, continued by train.py: the sweep's own files are not the run's to remove
+    code, _, err = run_cli(load_script("train"), ["--resume", "--steps", "900", "--out", str(tmp_path)], capsys)
+    assert code == 0 and (tmp_path / "sweep-state.npz").exists() and (tmp_path / "sweep.json").exists()
+    code, _, err = run_cli(load_script("sample"), ["--checkpoint", str(tmp_path / "sweep-state.npz")], capsys)
+    assert code == 2 and "holds a sweep's 1 models; sample from its best one" in err
     (tmp_path / "sweep-state.npz").write_bytes((tmp_path / "checkpoint.npz").read_bytes())
     code, _, err = run_cli(load_script("sweep"), ["--resume", "--out", str(tmp_path)], capsys)
     assert code == 2 and "holds a single run, not a sweep" in err
@@ -361,3 +364,19 @@ def test_the_models_evaluated_together_give_each_model_s_own_evaluation(dataset)
         for split in dataset.splits:
             assert evaluation.loss[split] == pytest.approx(alone.loss[split], rel=1e-6), (k, split)
     assert len({round(e.loss["dev"], 6) for e in together}) == 4  # four different models
+
+
+def test_a_stop_during_a_sweep_s_evaluation_ends_it_at_once_with_the_state_saved(dataset, tmp_path, capsys):
+    """Training done, a stop request arrives: the (vmapped) evaluation, polled between batches, ends at
+    once with exit 130; the models' state is saved and --resume evaluates it."""
+    from jaxbirds import checkpoint, outputs, sweep_runner
+
+    mc, tc = small_configs(dataset, steps=300, chunk_size=300)
+    requests = iter([False])  # the poll after the last chunk says no; the first poll in evaluation says yes
+    options = sweep_runner.SweepOptions(out=tmp_path, devices=1, plot=False)
+    code = sweep_runner.run(dataset, mc, tc, sweep.grid([0.1], [SEED]), options, lambda: next(requests, True),
+                            log=sys.stdout)  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 130 and "interrupted during evaluation" in out and "--resume" in out
+    assert checkpoint.load(tmp_path / outputs.SWEEP_STATE).state.step == 300
+    assert not (tmp_path / "sweep.json").exists()

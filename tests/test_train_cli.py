@@ -334,3 +334,14 @@ def test_a_stop_during_evaluation_ends_the_run_at_once_with_the_state_saved(data
     assert code == runner.INTERRUPTED and "interrupted during evaluation" in out and "--resume" in out
     assert checkpoint.load(tmp_path / "checkpoint.npz").state.step == 300
     assert not (tmp_path / "metrics.json").exists() and "loss (batch norm" not in out
+
+
+def test_an_overwrite_that_diverges_in_its_first_chunk_replaces_the_old_run_cleanly(train_script, tmp_path, capsys):
+    assert run_cli(train_script, ["--steps", "500", *SMALL, "--no-plot", "--out", str(tmp_path)], capsys)[0] == 0
+    args = ["--overwrite", "--lr", "1e30", "--steps", "2000", *SMALL, "--no-plot", "--out", str(tmp_path)]
+    code, out, _ = run_cli(train_script, args, capsys)
+    assert code == 1 and "non-finite" in out
+    assert not (tmp_path / "metrics.json").exists()  # the old run's results went with its checkpoint
+    saved = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert saved.train_config.learning_rate == 1e30
+    LossLog(tmp_path / "losses.f32").read(saved.state.step, saved.loss_log_crc32)  # the new run's own history
