@@ -169,7 +169,8 @@ def run(
 
     t0 = time.perf_counter()
     runs, evaluations = [], []
-    # Every model at once, in one program per batch; a diverged model's numbers are computed and ignored.
+    # One model after another (faster here than all at once: see sweep.evaluate_members); a diverged model's
+    # numbers are computed and ignored.
     try:
         evaluated = sweep.evaluate_members(
             result.params, dataset.splits, progress=lambda label: runner.progress_line(say, label),

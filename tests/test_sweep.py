@@ -356,7 +356,10 @@ def test_the_models_evaluated_together_give_each_model_s_own_evaluation(dataset)
     mc, tc = small_configs(dataset, steps=300, chunk_size=300)
     members = sweep.grid([0.1, 0.3], [SEED, SEED + 1])
     result = sweep.train_models(dataset.train.X, dataset.train.Y, mc, tc, members, sweep.make_mesh(1))
-    together = sweep.evaluate_members(result.params, dataset.splits)
+    together = sweep.evaluate_members(result.params, dataset.splits, together=True)
+    assert sweep.evaluate_members(result.params, dataset.splits)[3].loss["dev"] == pytest.approx(
+        together[3].loss["dev"], rel=1e-6
+    )
     for k, evaluation in enumerate(together):
         alone = sweep.evaluate_member(sweep.member(result.params, k), dataset.splits)
         np.testing.assert_allclose(evaluation.stats.mean, alone.stats.mean, rtol=1e-6, atol=1e-6)
