@@ -406,12 +406,14 @@ def evaluate_members(
     count = params["W1"].shape[0]
     if not together:
         return [
-            _evaluate(
-                member(params, k),
-                splits,
-                lambda what, k=k: report(f"model {k + 1} of {count}: {what}"),
-                should_stop,
-                models=False,
+            Evaluation(
+                *_evaluate(
+                    member(params, k),
+                    splits,
+                    _prefixed(report, f"model {k + 1} of {count}: "),
+                    should_stop,
+                    models=False,
+                )
             )  # fmt: skip
             for k in range(count)
         ]
@@ -422,7 +424,12 @@ def evaluate_members(
     ]
 
 
-def _evaluate(params, splits, report, should_stop, models: bool):
+def _prefixed(report: Callable[[str], evaluate.Progress], prefix: str) -> Callable[[str], evaluate.Progress]:
+    return lambda label: report(prefix + label)
+
+
+def _evaluate(params, splits, report, should_stop, models: bool) -> tuple[model.BatchNormStats, dict]:
+    """Calibrated statistics and every split's loss (lists of K of them for stacked ``models``)."""
     stats = evaluate.calibrate(
         params, splits["train"].X, models=models, progress=report("calibrating batch norm"), should_stop=should_stop
     )
@@ -433,7 +440,7 @@ def _evaluate(params, splits, report, should_stop, models: bool):
         )
         for name, s in splits.items()
     }  # fmt: skip
-    return Evaluation(stats, losses) if not models else (stats, losses)
+    return stats, losses
 
 
 def _is_finite(loss: float | None) -> bool:
