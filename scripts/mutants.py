@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mutation testing: break one key line at a time and check that the test suite notices.
 
-Each mutant replaces one exact piece of text in one file of ``jaxbirds/`` with a
+Each mutant replaces one exact piece of text in one file of ``jaxbirds/`` (or ``scripts/``) with a
 plausible bug (a dropped factor, a wrong statistic, a constant where a schedule
 belongs). For each, the default test suite runs with ``-x`` (stop at the first
 failure), then, if it passed, the slow tests: a mutant is *killed* if either
@@ -300,8 +300,8 @@ MUTANTS = [
     Mutant(
         "outputs-created-on-refusal",
         "jaxbirds/outputs.py",
-        "        lock.release()\n        _remove_if_empty(out, created)",
-        "        lock.release()",
+        "        if untouched and not before:",
+        "        if False:",
         "a refused run leaves the --out it made for its lock behind",
     ),
     Mutant(
@@ -349,8 +349,8 @@ MUTANTS = [
     Mutant(
         "eval-batch-counts-embedded-input",
         "jaxbirds/evaluate.py",
-        "per_row = LIVE_BUFFERS * (hidden + vocab) * itemsize",
-        'per_row = LIVE_BUFFERS * (hidden + vocab + params["W1"].shape[0]) * itemsize',
+        "per_row = count * LIVE_BUFFERS * (hidden + vocab) * itemsize",
+        'per_row = count * LIVE_BUFFERS * (hidden + vocab + params["W1"].shape[-2]) * itemsize',
         "evaluation batches are sized for an embedded input that is never built",
     ),
     Mutant(
@@ -398,7 +398,7 @@ MUTANTS = [
     Mutant(
         "overwrite-cuts-old-log-first",
         "jaxbirds/checkpoint.py",
-        "        first, replace_first = not self._started, not self._started and self._replacing",
+        "        first, replace_first = not self._started, not self._started and self.replacing",
         "        first, replace_first = not self._started, False",
         "--overwrite cuts the old run's log before the new run's first checkpoint exists",
     ),
@@ -464,6 +464,132 @@ MUTANTS = [
         "    probs = counts / counts_sum",
         "    probs = jax.lax.stop_gradient(counts / counts_sum)",
         "the custom_vjp rule's first derivative is right, its second (jax.hessian) wrong",
+    ),
+    Mutant(
+        "noise-one-sample",
+        "jaxbirds/gradcheck.py",
+        "NOISE_SAMPLES = 8",
+        "NOISE_SAMPLES = 1",
+        "the checker's noise estimate comes from one sample and can come out small by chance",
+    ),
+    Mutant(
+        "noise-sample-zero",
+        "jaxbirds/gradcheck.py",
+        "diff = {k: float(jnp.max(v)) for k, v in per_sample.items()}",
+        "diff = {k: float(v[0]) for k, v in per_sample.items()}",
+        "the noise samples are drawn but only the first is used",
+    ),
+    Mutant(
+        "own-noise-dropped",
+        "jaxbirds/gradcheck.py",
+        "return {k: max(noise[k] for noise in noises) for k in noises[0]}",
+        "return dict(noises[0])",
+        "a closed form's own rounding noise is left out of its allowance",
+    ),
+    Mutant(
+        "bitwise-not-enforced",
+        "scripts/gradcheck.py",
+        "if bitwise_claimed and not_bitwise:",
+        "if False and not_bitwise:",
+        "an atomic pass that is not bit-exact prints OK",
+    ),
+    Mutant(
+        "bitwise-never-claimed",
+        "jaxbirds/gradcheck.py",
+        'BITWISE_CLAIMS = frozenset({("cpu", np.dtype("float32"))})',
+        "BITWISE_CLAIMS = frozenset()",
+        "bit-exactness is never checked",
+    ),
+    Mutant(
+        "fd-square",
+        "jaxbirds/gradcheck.py",
+        "FD_SHAPES = (FDShape(batch=5, hidden=3, classes=4), FDShape(batch=3, hidden=7, classes=5))",
+        "FD_SHAPES = (FDShape(batch=4, hidden=4, classes=5),)",
+        "finite differences at a square shape cannot see a batch/hidden mix-up",
+    ),
+    Mutant(
+        "fd-ignores-user-shape",
+        "scripts/gradcheck.py",
+        "fd_shapes = (gradcheck.FDShape(args.batch_size, args.hidden, dataset.vocab.size), *gradcheck.FD_SHAPES)",
+        "fd_shapes = gradcheck.FD_SHAPES",
+        "the finite-difference check ignores --batch-size and --hidden",
+    ),
+    Mutant(
+        "mesh-one-process-devices",
+        "jaxbirds/sweep.py",
+        "    return Mesh(np.array([d for process in local for d in process[:each]]), (MODELS,))",
+        "    return Mesh(np.array(jax.devices()[:devices]), (MODELS,))",
+        "the mesh takes every device from process 0",
+    ),
+    Mutant(
+        "stop-not-agreed",
+        "jaxbirds/sweep.py",
+        "        if distributed.any_process(should_stop()):",
+        "        if should_stop():",
+        "a stop reaching one process stops only that one",
+    ),
+    Mutant(
+        "errors-not-agreed",
+        "scripts/sweep.py",
+        "    with distributed.agreed_errors():  # a process that refuses its input stops every process",
+        "    if True:  # a process that refuses its input stops every process",
+        "one process refuses its input and the others go on",
+    ),
+    Mutant(
+        "sweeps-not-compared",
+        "jaxbirds/distributed.py",
+        "    differ = [i for i, d in enumerate(descriptions) if d != descriptions[0]]",
+        "    differ = []",
+        "processes started with different sweeps are accepted",
+    ),
+    Mutant(
+        "peer-loss-not-caught",
+        "scripts/sweep.py",
+        "    with distributed.exit_if_peers_are_lost():",
+        "    if True:",
+        "a lost peer gives a traceback and a later abort",
+    ),
+    Mutant(
+        "bn-eps-1e-3",
+        "jaxbirds/ops.py",
+        "BN_EPS = 1e-5",
+        "BN_EPS = 1e-3",
+        "batch norm's epsilon is 1e-3, not the tutorial's 1e-5",
+    ),
+    Mutant(
+        "init-b1-scale",
+        "jaxbirds/model.py",
+        '        "b1": 0.1,',
+        '        "b1": 0.2,',
+        "b1 is initialised at twice the tutorial's scale",
+    ),
+    Mutant(
+        "init-bngain-scale",
+        "jaxbirds/model.py",
+        '        "bngain": 0.1,',
+        '        "bngain": 0.2,',
+        "bngain's spread is twice the tutorial's",
+    ),
+    Mutant(
+        "recipe-decay-factor",
+        "jaxbirds/train.py",
+        "    decay_factor: float = 0.1",
+        "    decay_factor: float = 0.5",
+        "the learning rate decays to 0.05, not 0.01",
+    ),
+    Mutant(
+        "streams-swapped",
+        "jaxbirds/train.py",
+        "    return Keys(streams[0], streams[1], streams[2])",
+        "    return Keys(streams[1], streams[0], streams[2])",
+        "the initialisation and minibatch streams are swapped",
+    ),
+    Mutant(
+        "lock-file-left-on-refusal",
+        "jaxbirds/outputs.py",
+        "        if untouched and not had_lock:",
+        "        if False:",
+        "a refused command into an existing --out leaves a lock file there",
     ),
 ]
 
