@@ -78,17 +78,24 @@ def render_saved(args, argv) -> int:
     if missing:
         raise ConfigError(f"{args.from_json} has no results for {', '.join(missing)} (it has {', '.join(saved)})")
     names = args.only or saved
+    check_outputs(args, names)
+    if args.plot:
+        print("wrote " + ", ".join(map(str, bench.plot_results({k: results[k] for k in names}, args.plot))))
+    if args.report:
+        filled = report.update_file(args.report, results, names, rendered_by=report.command_line(argv))
+        print(f"wrote the tables of {', '.join(filled) or 'no study'} into {args.report}")
+    return 0
+
+
+def check_outputs(args, names) -> None:
+    """Before any work: the report holds a block for each study in ``names`` and can be written; plots can
+    be drawn and their directory written."""
     if args.report:
         report.check_file(args.report, names)
         outputs.check_writable_file(args.report)
     if args.plot:
         plots.require()
         outputs.check_writable_dir(args.plot)
-        print("wrote " + ", ".join(map(str, bench.plot_results({k: results[k] for k in names}, args.plot))))
-    if args.report:
-        filled = report.update_file(args.report, results, names, rendered_by=report.command_line(argv))
-        print(f"wrote the tables of {', '.join(filled) or 'no study'} into {args.report}")
-    return 0
 
 
 def main(argv=None) -> int:
@@ -98,12 +105,7 @@ def main(argv=None) -> int:
         return render_saved(args, argv)
     only = args.only or list(STUDIES)
     outputs.check_writable_file(args.json)  # before the suite, not after it
-    if args.report:
-        report.check_file(args.report, only)
-        outputs.check_writable_file(args.report)
-    if args.plot:
-        plots.require()
-        outputs.check_writable_dir(args.plot)
+    check_outputs(args, only)
     t0 = time.perf_counter()
     config = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     b = bench.Bench(data.load_dataset(args.data), config)

@@ -591,6 +591,13 @@ MUTANTS = [
         "        if False:",
         "a refused command into an existing --out leaves a lock file there",
     ),
+    Mutant(
+        "bench-report-checked-late",
+        "scripts/bench.py",
+        "        report.check_file(args.report, names)",
+        "        pass",
+        "a report file without a study's block is found only after minutes of measuring",
+    ),
 ]
 
 
