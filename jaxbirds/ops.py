@@ -17,22 +17,13 @@ the gradient checker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
 from jaxbirds.errors import ConfigError
+from jaxbirds.rules import RuleSet, Tap, no_tap
 
 BN_EPS = 1e-5
-
-#: ``tap(name, value) -> value``: sees (and may perturb) a named intermediate.
-Tap = Callable[[str, jax.Array], jax.Array]
-
-
-def no_tap(name: str, value: jax.Array) -> jax.Array:
-    del name
-    return value
 
 
 def check_batch_size(n: int) -> None:
@@ -86,11 +77,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, tap: Tap = no_tap) -> ja
 
     ``loss = mean_i( logsumexp(logits_i) - logits_i[labels_i] )``, with the row
     maximum subtracted first so that ``exp`` cannot overflow (its gradient is
-    stopped: the shift cancels, so it has none). Nothing inside is tapped.
+    stopped: the shift cancels, so it has none). Taps ``counts`` (``exp`` of the
+    shifted logits) and ``counts_sum`` (their row sums), from which the custom
+    VJP takes ``softmax(logits)``.
     """
-    del tap
     shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
-    log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=1))
+    counts = tap("counts", jnp.exp(shifted))
+    log_norm = jnp.log(tap("counts_sum", jnp.sum(counts, axis=1, keepdims=True)))[:, 0]
     picked = jnp.take_along_axis(shifted, labels[:, None], axis=1)[:, 0]
     return jnp.mean(log_norm - picked)
 
@@ -106,3 +99,22 @@ def cross_entropy_steps(logits: jax.Array, labels: jax.Array, tap: Tap = no_tap)
     probs = tap("probs", counts * counts_sum_inv)  # (n, V)
     logprobs = tap("logprobs", jnp.log(probs))  # (n, V)
     return -jnp.mean(logprobs[jnp.arange(n), labels])
+
+
+AUTODIFF = RuleSet(
+    name="autodiff",
+    summary="jax.numpy as one would write it; JAX derives the backward pass",
+    batch_norm=lambda x, gain, bias, tap: batch_norm(x, gain, bias, tap=tap),
+    cross_entropy=cross_entropy,
+    taps=("bnvar_inv", "bnraw", "counts", "counts_sum"),
+)
+
+TUTORIAL = RuleSet(
+    name="tutorial",
+    summary="the tutorial's atomic steps, one tapped intermediate per line, for the atomic manual pass",
+    batch_norm=lambda x, gain, bias, tap: batch_norm_steps(x, gain, bias, tap=tap),
+    cross_entropy=cross_entropy_steps,
+    taps=("bnmeani", "bndiff", "bndiff2", "bnvar", "bnvar_inv", "bnraw")
+    + ("logit_maxes", "norm_logits", "counts", "counts_sum", "counts_sum_inv", "probs", "logprobs"),
+    grad_mode=False,
+)

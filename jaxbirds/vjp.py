@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
-from jaxbirds.ops import BN_EPS, check_batch_size
+from jaxbirds import closed_forms, ops
+from jaxbirds.ops import BN_EPS
+from jaxbirds.rules import RuleSet
 
 # --------------------------------------------------------------------------- #
 # Cross-entropy                                                               #
@@ -38,29 +39,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
         dL/dl_ij = (p_ij - [j == y_i]) / n,      so   dlogits = g * (p - onehot(y)) / n
 
-    for an incoming cotangent ``g``. Residuals: ``p`` (already computed for the
-    loss) and ``labels``. ``labels`` are integers: their cotangent is ``None``.
+    for an incoming cotangent ``g`` (:func:`jaxbirds.closed_forms.cross_entropy_backward`).
+    Residuals: ``p`` (from the ``exp`` and row sums already computed for the loss
+    by :func:`jaxbirds.ops.cross_entropy`) and ``labels``. ``labels`` are integers: their cotangent is ``None``.
     """
     loss, _ = _cross_entropy_fwd(logits, labels)
     return loss
 
 
 def _cross_entropy_fwd(logits, labels):
-    shifted = logits - jnp.max(logits, axis=1, keepdims=True)
-    counts = jnp.exp(shifted)
-    counts_sum = jnp.sum(counts, axis=1, keepdims=True)
-    picked = jnp.take_along_axis(shifted, labels[:, None], axis=1)
-    loss = jnp.mean(jnp.log(counts_sum) - picked)
-    probs = counts / counts_sum
-    return loss, (probs, labels)
+    seen = {}
+    loss = ops.cross_entropy(logits, labels, tap=lambda name, value: seen.setdefault(name, value))
+    return loss, (seen["counts"] / seen["counts_sum"], labels)
 
 
 def _cross_entropy_bwd(residuals, g):
     probs, labels = residuals
-    n, classes = probs.shape
-    onehot = jax.nn.one_hot(labels, classes, dtype=probs.dtype)
-    dlogits = (probs - onehot) * (g / n)
-    return dlogits, None
+    return closed_forms.cross_entropy_backward(probs, labels, g), None
 
 
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
@@ -96,7 +91,9 @@ def batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, eps: float = BN_E
 
     (using ``s^2 d_j sum_i dy_i d_i = xh_j sum_i dy_i xh_i``). The two column sums
     ``sum dy`` and ``sum dy xh`` are exactly ``dbeta`` and ``dgamma``, so they are
-    computed once. Residuals: ``xh`` (N, H), ``s`` (1, H) and ``gamma`` (1, H).
+    computed once (:func:`jaxbirds.closed_forms.batch_norm_backward`, shared with
+    the fused manual pass). Residuals: ``xh`` (N, H), ``s`` (1, H) and ``gamma`` (1, H),
+    recorded from the forward of :func:`jaxbirds.ops.batch_norm`.
 
     ``x`` is (N, H) with N >= 2; ``gain`` and ``bias`` are (1, H).
     """
@@ -105,22 +102,22 @@ def batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, eps: float = BN_E
 
 
 def _batch_norm_fwd(x, gain, bias, eps):
-    n = x.shape[0]
-    check_batch_size(n)
-    diff = x - jnp.mean(x, axis=0, keepdims=True)
-    inv_std = jax.lax.rsqrt(jnp.sum(diff * diff, axis=0, keepdims=True) / (n - 1) + eps)
-    x_hat = diff * inv_std
-    return gain * x_hat + bias, (x_hat, inv_std, gain)
+    seen = {}
+    y = ops.batch_norm(x, gain, bias, eps, tap=lambda name, value: seen.setdefault(name, value))
+    return y, (seen["bnraw"], seen["bnvar_inv"], gain)
 
 
 def _batch_norm_bwd(eps, residuals, dy):
     del eps  # enters only through inv_std, which the forward saved
-    x_hat, inv_std, gain = residuals
-    n = x_hat.shape[0]
-    dbias = jnp.sum(dy, axis=0, keepdims=True)
-    dgain = jnp.sum(dy * x_hat, axis=0, keepdims=True)
-    dx = (gain * inv_std / n) * (n * dy - dbias - (n / (n - 1)) * x_hat * dgain)
-    return dx, dgain, dbias
+    return closed_forms.batch_norm_backward(*residuals, dy)
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+RULES = RuleSet(
+    name="custom_vjp",
+    summary="hand-written reverse-mode rules (jax.custom_vjp) for batch norm and cross-entropy",
+    batch_norm=lambda x, gain, bias, tap: batch_norm(x, gain, bias),
+    cross_entropy=lambda logits, labels, tap: cross_entropy(logits, labels),
+)
