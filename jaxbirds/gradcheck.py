@@ -8,12 +8,14 @@
   ``p_t`` (``dloss/dp_t = dloss/dt``). Both sides read one shared forward pass
   (``jax.vjp`` returns the intermediates with the pullback), as in the tutorial,
   where both backward passes read the same forward tensors.
-* :func:`fused_vs_reference`, :func:`custom_vs_reference` - the fused manual
-  pass, and ``jax.grad`` through the custom-VJP rules or through the custom-JVP
-  rules (which JAX transposes), against ``jax.grad`` of the plain model:
-  parameters, ``hprebn`` and ``logits``. Each side runs its own forward pass
+* :func:`method_vs_reference` - every other gradient mode of
+  :mod:`jaxbirds.modes` (the fused manual pass, ``jax.grad`` through the
+  custom-VJP rules or through the custom-JVP rules, which JAX transposes)
+  against ``jax.grad`` of the plain model: parameters, ``logits`` and each
+  block's ``hprebn[l]`` (:func:`boundary`). Each side runs its own forward pass
   (the fused pass records what it needs from it).
-* :func:`summary_table` - all methods side by side; :func:`backward_jaxprs` -
+* :func:`summary_table` - all methods side by side; :func:`by_layer` - a
+  table's rows grouped per layer, as the script prints them; :func:`backward_jaxprs` -
   what each rule set's backward pass of batch norm compiles from.
 * :func:`compare` - the tutorial's ``cmp``, extended: exact (bitwise), close
   (within the tolerance below), the largest difference and what was allowed.
@@ -37,8 +39,8 @@ Every reference is :func:`jaxbirds.model.forward`, the forward pass that trains.
   ``m`` (in a float64 check, scaled down by the ratio of the two unit
   roundoffs). Where the exact gradient is zero or nearly so, the computed values
   are pure rounding noise and no order of operations is more right than
-  another: ``b1`` and ``logit_maxes`` always (batch norm removes a shift of
-  ``hprebn``; softmax ignores a shift of the logits), and at batch 2 everything
+  another: each block's ``bl`` and ``logit_maxes`` always (batch norm removes
+  a shift of ``hprebn[l]``; softmax ignores a shift of the logits), and at batch 2 everything
   below batch norm (``x_hat = +-1/sqrt(2)`` whatever ``x``, so ``dhprebn`` is
   ~``eps/var`` of the terms it is computed from). There the noise term
   dominates. ``|ours - ref| <= |ours - exact| + |ref - exact|`` when ours is
@@ -83,13 +85,15 @@ batch norm's custom_vjp rule, 10 seeds, hidden 64) fails at batch 3, 4 and 32
 in 10 of 10 seeds in float32 (share of the allowance 2.2 at least) and at every
 batch in float64; batch norm without ``n/(n-1)`` fails everywhere.
 
-``b1`` and ``logit_maxes`` also get a floor from the gradient they are sums of
-(see :data:`SUMMED_FROM`): "the size of the gradients they sit among".
+Each ``bl`` and ``logit_maxes`` also get a floor from the gradient they are sums of
+(see :func:`summed_from`): "the size of the gradients they sit among".
 
 **Bitwise.** The atomic pass and ``jax.grad`` read one shared forward pass and
 round in the same order, so in float32 on CPU (XLA's CPU backend, where it is
 verified over the slow tests' grids and at batch x hidden up to 4096 x 200,
-1000 x 1000 and 32768 x 16) every one of its 26 tensors is bitwise equal to the
+1000 x 1000 and 32768 x 16; at depth 3 in tests/test_manual.py and the script's
+``--hidden 64 32 16``) every one of its tensors (26 for one block, 13 more per
+block after it) is bitwise equal to the
 reference, and the script fails a run where one is not (:data:`BITWISE_CLAIMS`,
 :func:`atomic_bitwise_claimed`). In float64 they are bitwise equal at most
 shapes but not all: at batch 3, hidden 64 XLA compiles one step of one side
@@ -121,9 +125,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.test_util import check_grads
 
-from jaxbirds import jvp, manual, model, ops, vjp
+from jaxbirds import jvp, manual, model, modes, ops, vjp
 from jaxbirds.errors import ConfigError
-from jaxbirds.model import PARAM_NAMES, Params
+from jaxbirds.model import Params, depth_of, layer_name
 
 #: The matmul precision every comparison runs at (see the module docstring).
 PRECISION = "highest"
@@ -132,13 +136,13 @@ PRECISION = "highest"
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
     rtol: float  # allowed max |ours - ref|, relative to max |ref| of the tensor
-    noise: float  # allowed multiple of the reference's own rounding noise on the tensor
+    noise_multiple: float  # allowed multiple of the measured rounding noise on the tensor (Row.noise)
 
 
 #: The acceptance tolerances, per dtype.
 TOLERANCES = {
-    np.dtype("float32"): Tolerance(rtol=1e-5, noise=16.0),
-    np.dtype("float64"): Tolerance(rtol=1e-10, noise=16.0),
+    np.dtype("float32"): Tolerance(rtol=1e-5, noise_multiple=16.0),
+    np.dtype("float64"): Tolerance(rtol=1e-10, noise_multiple=16.0),
 }
 
 
@@ -159,7 +163,7 @@ class Row(NamedTuple):
     max_abs: float  # max |ours - ref|
     allowed: float  # the largest max_abs that passes
     max_ref: float  # max |ref|, to put the differences in scale
-    noise: float  # the reference's own rounding noise on this tensor
+    noise: float  # the measured rounding noise on this tensor (the larger of the reference's and the method's)
 
     @property
     def max_rel(self) -> float:
@@ -171,14 +175,14 @@ def compare(name: str, ours, ref, tol: Tolerance, noise: float = 0.0, floor: flo
     """The tutorial's ``cmp``: is ``ours`` bitwise equal to, or within tolerance of, ``ref``?
 
     ``noise`` is the reference's own rounding noise on this tensor; ``floor`` a
-    lower bound for the allowance (see :data:`SUMMED_FROM`).
+    lower bound for the allowance (see :func:`summed_from`).
     """
     ours, ref = np.asarray(ours), np.asarray(ref)
     if ours.shape != ref.shape:
         raise ValueError(f"{name}: shape {ours.shape} does not match the reference {ref.shape}")
     max_abs = float(np.abs(ours.astype(np.float64) - ref).max(initial=0.0))
     scale = float(np.abs(ref).max(initial=0.0))
-    allowed = max(tol.rtol * scale + tol.noise * noise, floor)
+    allowed = max(tol.rtol * scale + tol.noise_multiple * noise, floor)
     return Row(
         name=name,
         shape=ref.shape,
@@ -204,11 +208,22 @@ def _perturbing(perturb: Mapping[str, jax.Array]):
 
 
 def _tap_zeros(params: Params, X, Y, rules: str, names: Sequence[str]) -> dict[str, jax.Array]:
-    """Zeros shaped like the named intermediates of the forward pass under ``rules``."""
+    """Zeros shaped like the named intermediates of the forward pass under ``rules``.
+
+    Raises ``ValueError`` if the forward taps a name twice: its two values
+    would share one perturbation, and the gradient would be their sum.
+    """
 
     def intermediates(params):
         seen = {}
-        model.forward(params, X, Y, rules=rules, tap=lambda name, value: seen.setdefault(name, value))
+
+        def record(name, value):
+            if name in seen:
+                raise ValueError(f"the intermediate {name} is tapped twice under the {rules} rules")
+            seen[name] = value
+            return value
+
+        model.forward(params, X, Y, rules=rules, tap=record)
         return seen
 
     shapes = jax.eval_shape(intermediates, params)
@@ -236,7 +251,7 @@ def atomic_vs_reference(params: Params, X: jax.Array, Y: jax.Array) -> tuple[dic
     differentiates. Returns ``(ours, reference)``, keyed by intermediate and
     parameter name.
     """
-    zeros = _tap_zeros(params, X, Y, "tutorial", manual.INTERMEDIATES)
+    zeros = _tap_zeros(params, X, Y, "tutorial", manual.intermediates(depth_of(params)))
 
     def loss(params, perturb):
         values = manual.forward_intermediates(params, X, Y, perturb)
@@ -247,22 +262,22 @@ def atomic_vs_reference(params: Params, X: jax.Array, Y: jax.Array) -> tuple[dic
     return manual.atomic_backward(params, X, Y, values), {**dinter, **dparams}
 
 
-BOUNDARY = ("hprebn", "logits")  # the intermediates the fused pass and the custom rules report
+def boundary(depth: int) -> tuple[str, ...]:
+    """The intermediates the fused pass and the custom rules report: ``logits``, then each block's
+    ``hprebn[l]`` from the last block to the first (the order the backward pass reaches them)."""
+    return ("logits", *(layer_name("hprebn", layer) for layer in range(depth, 0, -1)))
 
 
-@jax.jit
-def fused_vs_reference(params: Params, X: jax.Array, Y: jax.Array) -> tuple[dict, dict]:
-    """The fused manual pass and ``jax.grad`` of the plain model: parameters, ``hprebn``, ``logits``."""
-    got = manual.fused_backward(params, X, Y)
-    ours = {"logits": got.dlogits, "hprebn": got.dhprebn, **got.grads}
-    return ours, gradients(params, X, Y, "autodiff", BOUNDARY)
+def method_vs_reference(params: Params, X: jax.Array, Y: jax.Array, method: str) -> tuple[dict, dict]:
+    """A gradient mode other than the atomic pass (``manual``, ``custom_vjp``, ``custom_jvp``, ...) and
+    ``jax.grad`` of the plain model: every parameter and the :func:`boundary` intermediates. Each side
+    runs its own forward pass (the fused pass records what it needs from it)."""
+    return _method_vs_reference(params, X, Y, method, boundary(depth_of(params)))
 
 
-@functools.partial(jax.jit, static_argnames="rules")
-def custom_vs_reference(params: Params, X: jax.Array, Y: jax.Array, rules: str) -> tuple[dict, dict]:
-    """``jax.grad`` through hand-written rules (``custom_vjp``, or ``custom_jvp`` transposed) and
-    through the plain model."""
-    return gradients(params, X, Y, rules, BOUNDARY), gradients(params, X, Y, "autodiff", BOUNDARY)
+@functools.partial(jax.jit, static_argnames=("method", "names"))
+def _method_vs_reference(params, X, Y, method: str, names: tuple[str, ...]) -> tuple[dict, dict]:
+    return method_gradients(params, X, Y, method, names), gradients(params, X, Y, REFERENCE, names)
 
 
 #: How many independent float32-vs-float64 samples :func:`reference_noise` takes (see the module docstring).
@@ -299,18 +314,21 @@ def noise_inputs(params32: Params, X, Y, seed: int, samples: int) -> list[tuple[
     return variants
 
 
-FUSED = "fused"  # the fused manual pass, as a ``method`` of :func:`reference_noise` beside the rule sets
+#: The reference every other gradient mode is checked against.
+REFERENCE = "autodiff"
 
 
 def method_gradients(params: Params, X, Y, method: str, names: tuple[str, ...]) -> dict[str, jax.Array]:
-    """What ``method`` computes: ``jax.grad`` under a rule set of :data:`jaxbirds.model.RULES`, or the
-    fused manual pass (``FUSED``; then ``names`` must be ``BOUNDARY``), keyed as in the tables."""
-    if method != FUSED:
-        return gradients(params, X, Y, method, names)
-    if names != BOUNDARY:
-        raise ValueError(f"the fused pass reports {BOUNDARY} only, not {names}")
+    """What ``method`` computes, keyed as in the tables: a gradient mode of :data:`jaxbirds.modes.MODES`
+    (``manual``: the fused pass, which reports the :func:`boundary` intermediates only), or ``jax.grad``
+    under a rule set of :data:`jaxbirds.model.RULE_SETS` (``tutorial``: the reference of the atomic pass)."""
+    if method != "manual":
+        rules = modes.MODES[method].rules if method in modes.MODES else method
+        return gradients(params, X, Y, rules, names)
+    if not set(names) <= set(boundary(depth_of(params))):
+        raise ValueError(f"the fused pass reports {boundary(depth_of(params))} only, not {names}")
     got = manual.fused_backward(params, X, Y)
-    return {"logits": got.dlogits, "hprebn": got.dhprebn, **got.grads}
+    return {**{name: got.inner[name] for name in names}, **got.grads}
 
 
 @functools.partial(jax.jit, static_argnames=("method", "names"))
@@ -363,19 +381,23 @@ def noisier(*noises: Mapping[str, float]) -> dict[str, float]:
     return {k: max(noise[k] for noise in noises) for k in noises[0]}
 
 
-#: Gradients whose exact value is zero, and the gradient each is a plain sum of:
-#: ``db1 = sum_i dhprebn_i`` (batch norm removes any shift of hprebn) and
-#: ``dlogit_maxes = -sum_j dnorm_logits_ij`` (softmax ignores any shift of a row).
-#: A sum carries the errors of its terms, so such a tensor may differ by as many
-#: times the allowance of its terms as it sums of them. Elsewhere this is far
-#: below the tensor's own allowance; here it is the only meaningful scale (the
-#: reference noise can itself be exactly 0, when two terms cancel exactly).
-SUMMED_FROM = {"b1": "hprebn", "logit_maxes": "norm_logits"}
+def summed_from(depth: int) -> dict[str, str]:
+    """Gradients whose exact value is zero, and the gradient each is a plain sum of: each block's
+    ``dbl = sum_i dhprebn[l]_i`` (batch norm removes any shift of its input) and
+    ``dlogit_maxes = -sum_j dnorm_logits_ij`` (softmax ignores any shift of a row).
+
+    A sum carries the errors of its terms, so such a tensor may differ by as many
+    times the allowance of its terms as it sums of them. Elsewhere this is far
+    below the tensor's own allowance; here it is the only meaningful scale (the
+    reference noise can itself be exactly 0, when two terms cancel exactly).
+    """
+    blocks = {f"b{layer}": layer_name("hprebn", layer) for layer in range(1, depth + 1)}
+    return blocks | {"logit_maxes": "norm_logits"}
 
 
 def _rows(ours, ref, noise, names, tol) -> list[Row]:
     rows = {name: compare(name, ours[name], ref[name], tol, noise[name]) for name in names}
-    for name, source in SUMMED_FROM.items():
+    for name, source in summed_from(depth_of(ref)).items():
         if name in rows and source in rows:
             terms = np.size(ref[source]) // np.size(ref[name])
             rows[name] = compare(name, ours[name], ref[name], tol, noise[name], floor=terms * rows[source].allowed)
@@ -383,71 +405,43 @@ def _rows(ours, ref, noise, names, tol) -> list[Row]:
 
 
 def atomic_rows(params: Params, X, Y, tol: Tolerance) -> list[Row]:
-    """Table rows for the atomic pass: every intermediate (loss side first), then every parameter."""
-    noise = reference_noise(params, X, Y, "tutorial", manual.INTERMEDIATES)
+    """Table rows for the atomic pass: every intermediate (loss side first, then block by block from
+    the last), then every parameter."""
+    names = manual.intermediates(depth_of(params))
+    noise = reference_noise(params, X, Y, "tutorial", names)
     with jax.default_matmul_precision(PRECISION):
         ours, ref = atomic_vs_reference(params, X, Y)
-    return _rows(ours, ref, noise, (*reversed(manual.INTERMEDIATES), *PARAM_NAMES), tol)
+    return _rows(ours, ref, noise, (*reversed(names), *params), tol)
 
 
 def boundary_noise(params: Params, X, Y) -> dict[str, float]:
-    """:func:`reference_noise` of the plain model at the parameters and ``BOUNDARY``: the reference of
-    the fused, custom_vjp and custom_jvp tables (compute it once, pass it to each)."""
-    return reference_noise(params, X, Y, "autodiff", BOUNDARY)
+    """:func:`reference_noise` of the plain model at the parameters and the :func:`boundary`: the
+    reference of every table but the atomic pass's (compute it once, pass it to each)."""
+    return reference_noise(params, X, Y, REFERENCE, boundary(depth_of(params)))
 
 
-def fused_rows(
+def method_rows(
     params: Params,
     X,
     Y,
+    method: str,
     tol: Tolerance,
     noise: dict[str, float] | None = None,
     own_noise: dict[str, float] | None = None,
 ) -> list[Row]:
-    """Table rows for the fused pass: ``logits``, ``hprebn``, then every parameter.
+    """Table rows for a gradient mode other than the atomic pass (``manual``, ``custom_vjp``,
+    ``custom_jvp``, ...): the :func:`boundary` intermediates, then every parameter.
 
-    ``noise``: the reference's (:func:`boundary_noise`); ``own_noise``: the fused pass's own
-    (:func:`reference_noise` of ``FUSED``). Each is measured here when not given; the allowance
+    ``noise``: the reference's (:func:`boundary_noise`); ``own_noise``: the method's own
+    (:func:`reference_noise` of ``method``). Each is measured here when not given; the allowance
     uses the larger (see the module docstring).
     """
+    names = boundary(depth_of(params))
     noise = noise or boundary_noise(params, X, Y)
-    own_noise = own_noise or reference_noise(params, X, Y, FUSED, BOUNDARY)
+    own_noise = own_noise or reference_noise(params, X, Y, method, names)
     with jax.default_matmul_precision(PRECISION):
-        ours, ref = fused_vs_reference(params, X, Y)
-    return _rows(ours, ref, noisier(noise, own_noise), ("logits", "hprebn", *PARAM_NAMES), tol)
-
-
-def custom_vjp_rows(
-    params: Params,
-    X,
-    Y,
-    tol: Tolerance,
-    noise: dict[str, float] | None = None,
-    own_noise: dict[str, float] | None = None,
-) -> list[Row]:
-    """Table rows for the custom-VJP model: ``logits``, ``hprebn``, then every parameter. ``noise`` and
-    ``own_noise`` as for :func:`fused_rows` (the rules' own: :func:`reference_noise` of ``"custom_vjp"``)."""
-    return _custom_rows(params, X, Y, tol, "custom_vjp", noise, own_noise)
-
-
-def custom_jvp_rows(
-    params: Params,
-    X,
-    Y,
-    tol: Tolerance,
-    noise: dict[str, float] | None = None,
-    own_noise: dict[str, float] | None = None,
-) -> list[Row]:
-    """Table rows for the custom-JVP model (reverse mode by transposition): as :func:`custom_vjp_rows`."""
-    return _custom_rows(params, X, Y, tol, "custom_jvp", noise, own_noise)
-
-
-def _custom_rows(params: Params, X, Y, tol: Tolerance, rules: str, noise, own_noise) -> list[Row]:
-    noise = noise or boundary_noise(params, X, Y)
-    own_noise = own_noise or reference_noise(params, X, Y, rules, BOUNDARY)
-    with jax.default_matmul_precision(PRECISION):
-        ours, ref = custom_vs_reference(params, X, Y, rules)
-    return _rows(ours, ref, noisier(noise, own_noise), ("logits", "hprebn", *PARAM_NAMES), tol)
+        ours, ref = method_vs_reference(params, X, Y, method)
+    return _rows(ours, ref, noisier(noise, own_noise), (*names, *params), tol)
 
 
 #: Where the atomic pass is claimed, and checked, to equal ``jax.grad`` bit for bit: (backend, dtype)
@@ -469,15 +463,42 @@ def not_bitwise(rows: Sequence[Row]) -> list[str]:
     return [row.name for row in rows if not row.exact]
 
 
+def checked_modes() -> tuple[str, ...]:
+    """Every gradient mode but the reference, the atomic pass first (its table is the tutorial's)."""
+    others = [name for name in modes.MODES if name not in (REFERENCE, "atomic")]
+    return ("atomic", *others)
+
+
 def all_tables(params: Params, X, Y, tol: Tolerance) -> dict[str, list[Row]]:
-    """Every method's table against ``jax.grad``, keyed by method (the reference noise measured once)."""
+    """Every gradient mode's table against ``jax.grad``, keyed by mode (the reference noise measured once)."""
     noise = boundary_noise(params, X, Y)
     return {
-        "manual atomic": atomic_rows(params, X, Y, tol),
-        "manual fused": fused_rows(params, X, Y, tol, noise),
-        "custom_vjp": custom_vjp_rows(params, X, Y, tol, noise),
-        "custom_jvp": custom_jvp_rows(params, X, Y, tol, noise),
+        mode: atomic_rows(params, X, Y, tol) if mode == "atomic" else method_rows(params, X, Y, mode, tol, noise)
+        for mode in checked_modes()
     }
+
+
+def layer_of(name: str, depth: int) -> str:
+    """The part of the model a table row belongs to: ``"loss"``, ``"output layer"``, ``"block l"`` or
+    ``"embedding"`` (for the per-layer tables)."""
+    if name.endswith("]"):
+        return f"block {name[name.index('[') + 1 : -1]}"
+    if name in ("C", "emb", "embcat"):
+        return "embedding"
+    for prefix in ("bngain", "bnbias", "W", "b"):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            layer = int(name[len(prefix) :])
+            return "output layer" if layer == depth + 1 else f"block {layer}"
+    return "loss"
+
+
+def by_layer(rows: Sequence[Row], depth: int) -> dict[str, list[Row]]:
+    """``rows`` grouped by :func:`layer_of`, from the loss down to the embedding (the backward pass's order)."""
+    order = ["loss", "output layer", *(f"block {layer}" for layer in range(depth, 0, -1)), "embedding"]
+    groups: dict[str, list[Row]] = {part: [] for part in order}
+    for row in rows:
+        groups[layer_of(row.name, depth)].append(row)
+    return {part: group for part, group in groups.items() if group}
 
 
 def summary_table(tables: Mapping[str, list[Row]], title: str) -> str:

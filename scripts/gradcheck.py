@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Check every hand-written gradient against jax.grad on a real batch of bird names.
 
-Prints one table per method, each against jax.grad of the model that trains
-(the atomic manual pass, the fused manual pass, jax.grad through the custom_vjp
-rules, and through the custom_jvp rules, which JAX transposes), then all four
-side by side, and runs finite-difference checks of the custom rules in float64,
-at the run's own --batch-size and --hidden and at two fixed shapes whose batch
-and hidden differ. Exits 1 if any tensor is outside tolerance, if a finite-
+Prints one table per gradient mode and layer, each against jax.grad of the
+model that trains (the atomic manual pass, the fused manual pass, jax.grad
+through the custom_vjp rules, and through the custom_jvp rules, which JAX
+transposes), then all of them side by side, and runs finite-difference checks
+of the custom rules in float64, at the run's own --batch-size and each --hidden
+width and at two fixed shapes whose batch and hidden differ. --hidden 64 32 16
+checks a model of three blocks. Exits 1 if any tensor is outside tolerance, if a finite-
 difference check fails, or, in float32 on CPU (where it is claimed), if the
 atomic pass is not bitwise equal to jax.grad on every tensor. --show-jaxpr prints the backward
 pass of batch norm under each rule set, to see what the hand-written rules remove.
@@ -32,6 +33,14 @@ import numpy as np
 from jaxbirds import cli, data, gradcheck, memory, model, plots, runner
 from jaxbirds.manual import fused_backward
 
+#: What each gradient mode's table is headed.
+TITLES = {
+    "atomic": "atomic manual backward vs jax.grad",
+    "manual": "fused manual backward vs jax.grad",
+    "custom_vjp": "custom_vjp rules vs jax.grad",
+    "custom_jvp": "custom_jvp rules, transposed by JAX, vs jax.grad",
+}
+
 
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__)
@@ -45,7 +54,12 @@ def parse_args(argv):
         "--batch-size", type=cli.batch_size, default=32, help="examples in the batch (>= 2; default 32)"
     )
     parser.add_argument(
-        "--hidden", type=cli.positive_int, default=64, help="hidden units (default 64, as in the tutorial's check)"
+        "--hidden",
+        type=cli.positive_int,
+        nargs="+",
+        default=[64],
+        metavar="WIDTH",
+        help="each block's hidden units: one width per block (default 64, as in the tutorial's check)",
     )
     parser.add_argument("--embedding", type=cli.positive_int, default=10, help="embedding size (default 10)")
     parser.add_argument("--seed", type=cli.seed, default=0, help="seed for the parameters and the batch (default 0)")
@@ -75,13 +89,13 @@ def main(argv=None) -> int:
             vocab_size=dataset.vocab.size,
             context_size=dataset.context_size,
             embedding_dim=args.embedding,
-            hidden=args.hidden,
+            hidden=tuple(args.hidden),
         )
-        # ~60 activations or gradients of (batch, hidden + vocabulary) values are alive in the checks
+        # ~60 activations or gradients of (batch, hidden + vocabulary) values are alive in the checks, per block
         memory.require(
-            60 * args.batch_size * (args.hidden + dataset.vocab.size) * dtype.itemsize
+            60 * args.batch_size * (sum(config.hidden) + dataset.vocab.size) * dtype.itemsize
             + 8 * model.param_count_for(config) * dtype.itemsize,
-            f"checking a batch of {args.batch_size:,} at hidden {args.hidden:,}",
+            f"checking a batch of {args.batch_size:,} at hidden {hidden_text(config)}",
             "use a smaller --batch-size or --hidden",
         )
         param_key, batch_key, fd_key = jax.random.split(jax.random.key(args.seed), 3)
@@ -92,22 +106,19 @@ def main(argv=None) -> int:
 
         print(f"{dataset.summary()}")
         print(
-            f"model: {model.param_count(params):,} parameters (hidden {args.hidden}), batch {args.batch_size}, "
-            f"{args.dtype}, tolerance rtol {tol.rtol:g} of max|ref| + {tol.noise:g} x the reference's noise; "
+            f"model: {model.param_count(params):,} parameters (hidden {hidden_text(config)}), batch {args.batch_size}, "
+            f"{args.dtype}, tolerance rtol {tol.rtol:g} of max|ref| + {tol.noise_multiple:g} x the measured noise; "
             f"loss {float(jax.jit(model.loss)(params, X, Y)):.4f}\n"
         )
         methods = gradcheck.all_tables(params, X, Y, tol)
-        titles = {
-            "manual atomic": "atomic manual backward vs jax.grad",
-            "manual fused": "fused manual backward vs jax.grad",
-            "custom_vjp": "custom_vjp rules vs jax.grad",
-            "custom_jvp": "custom_jvp rules, transposed by JAX, vs jax.grad",
-        }
-        tables = {titles[method]: rows for method, rows in methods.items()}
+        tables = {TITLES.get(method, f"{method} vs jax.grad"): rows for method, rows in methods.items()}
         for title, rows in tables.items():
-            print(gradcheck.format_table(rows, title), end="\n\n")
+            for part, group in gradcheck.by_layer(rows, config.depth).items():
+                print(gradcheck.format_table(group, f"{title}: {part}"), end="\n\n")
         print(
-            gradcheck.summary_table(methods, "all four against jax.grad (max diff / allowed; below 1 passes)"),
+            gradcheck.summary_table(
+                methods, f"all {len(methods)} against jax.grad (max diff / allowed; below 1 passes)"
+            ),
             end="\n\n",
         )
         if args.show_jaxpr:
@@ -115,7 +126,8 @@ def main(argv=None) -> int:
                 print(f"### batch norm's backward pass, {rules}: {len(jaxpr.jaxpr.eqns)} equations\n")
                 print(f"```\n{jaxpr}\n```\n")
 
-        fd_shapes = (gradcheck.FDShape(args.batch_size, args.hidden, dataset.vocab.size), *gradcheck.FD_SHAPES)
+        users = [gradcheck.FDShape(args.batch_size, width, dataset.vocab.size) for width in sorted(set(config.hidden))]
+        fd_shapes = (*users, *gradcheck.FD_SHAPES)
         shapes_text = ", ".join(f"{s.batch}x{s.hidden} (classes {s.classes})" for s in fd_shapes)
         fd_ok = True
         try:
@@ -130,7 +142,7 @@ def main(argv=None) -> int:
             )
 
         if args.plot:
-            dlogits = np.asarray(jax.jit(fused_backward)(params, X, Y).dlogits)
+            dlogits = np.asarray(jax.jit(fused_backward)(params, X, Y).inner["logits"])
             written = [
                 plots.dlogits_heatmap(dlogits, np.asarray(Y), dataset.vocab.chars, args.plot / "dlogits.png"),
                 plots.tolerance_bars(tables, args.plot / "tolerances.png"),
@@ -140,17 +152,17 @@ def main(argv=None) -> int:
     bad = [f"{title}: {row.name}" for title, rows in tables.items() for row in rows if not row.close]
     backend = jax.default_backend()
     bitwise_claimed = gradcheck.atomic_bitwise_claimed(args.dtype, backend)
-    not_bitwise = gradcheck.not_bitwise(methods["manual atomic"])
+    not_bitwise = gradcheck.not_bitwise(methods["atomic"])
     if bitwise_claimed and not_bitwise:
         bad.append(
             f"atomic manual backward not bitwise equal to jax.grad (claimed in {args.dtype} on {backend}): "
             + ", ".join(not_bitwise)
         )
     print(
-        "\nnote: the gradients of b1 and logit_maxes are exactly zero in exact arithmetic (batch norm removes "
-        "the mean; softmax ignores a shift), so both sides hold rounding noise there; the 'ref noise' column "
-        f"is how far jax.grad itself lands from the float64 answer (the largest of {gradcheck.NOISE_SAMPLES} "
-        "samples), and sets the tolerance there."
+        "\nnote: the gradients of each block's b and of logit_maxes are exactly zero in exact arithmetic (batch "
+        "norm removes the mean; softmax ignores a shift), so both sides hold rounding noise there; the 'ref noise' "
+        "column is how far jax.grad itself (or the method, if noisier) lands from the float64 answer (the largest "
+        f"of {gradcheck.NOISE_SAMPLES} samples), and sets the tolerance there."
     )
     if not bitwise_claimed:
         print(
@@ -162,10 +174,15 @@ def main(argv=None) -> int:
         return 1
     exact = sum(row.exact for rows in tables.values() for row in rows)
     total = sum(len(rows) for rows in tables.values())
-    atomic = len(methods["manual atomic"])
+    atomic = len(methods["atomic"])
     claim = f", the atomic pass's {atomic} all bitwise equal to jax.grad" if bitwise_claimed else ""
     print(f"OK: all {total} tensors within tolerance, {exact} of them bitwise equal to jax.grad{claim}.")
     return 0
+
+
+def hidden_text(config: model.ModelConfig) -> str:
+    """The blocks' widths as the user typed them: ``64`` or ``64 32 16``."""
+    return " ".join(map(str, config.hidden))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The comparison machinery and the gradcheck script: no false alarms on correct code, real errors caught."""
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jaxbirds import gradcheck, jvp, manual, model, ops, vjp
+from jaxbirds import closed_forms, gradcheck, jvp, manual, model, ops, vjp
 
-TOL = gradcheck.Tolerance(rtol=1e-5, noise=16.0)
+TOL = gradcheck.Tolerance(rtol=1e-5, noise_multiple=16.0)
 
 
 def load_script(name):
@@ -121,10 +122,10 @@ def test_one_noise_sample_can_come_out_small_by_chance(dataset):
     hprebn, two entries equal and opposite, is 4.6e-10 in the problem itself and up to 1.6e-8 in variants
     of it that round differently: one sample underestimates it 30-fold, the default samples do not."""
     params, X, Y = problem(dataset, 2, 1, 1, jnp.float32)
-    one = gradcheck.reference_noise(params, X, Y, "autodiff", gradcheck.BOUNDARY, samples=1)
-    default = gradcheck.reference_noise(params, X, Y, "autodiff", gradcheck.BOUNDARY)
+    one = gradcheck.reference_noise(params, X, Y, "autodiff", gradcheck.boundary(1), samples=1)
+    default = gradcheck.reference_noise(params, X, Y, "autodiff", gradcheck.boundary(1))
     assert all(default[k] >= v for k, v in one.items())
-    assert default["hprebn"] > 10 * one["hprebn"], (one["hprebn"], default["hprebn"])
+    assert default["hprebn[1]"] > 10 * one["hprebn[1]"], (one["hprebn[1]"], default["hprebn[1]"])
 
 
 def test_the_closed_forms_own_noise_is_in_the_allowance(dataset):
@@ -133,9 +134,9 @@ def test_the_closed_forms_own_noise_is_in_the_allowance(dataset):
     used 0.69 of its allowance, with the larger of the two it uses 0.06."""
     params, X, Y = problem(dataset, 2, 4, 29, jnp.float32)
     reference = gradcheck.boundary_noise(params, X, Y)
-    own = gradcheck.reference_noise(params, X, Y, "custom_vjp", gradcheck.BOUNDARY)
+    own = gradcheck.reference_noise(params, X, Y, "custom_vjp", gradcheck.boundary(1))
     assert own["W1"] > 4 * reference["W1"]
-    rows = gradcheck.custom_vjp_rows(params, X, Y, gradcheck.tolerance_for("float32"), reference, own)
+    rows = gradcheck.method_rows(params, X, Y, "custom_vjp", gradcheck.tolerance_for("float32"), reference, own)
     assert max(r.max_abs / r.allowed for r in rows) < 0.25, gradcheck.format_table(rows, "batch 2")
 
 
@@ -158,7 +159,7 @@ def grid_failures(dataset, dtypes, batches, hiddens, seeds):
                 where = (dtype, batch, hidden, seed)
                 failures += [(*where, m, r.name) for m, rows in tables.items() for r in rows if not r.close]
                 if bitwise:
-                    failures += [(*where, "not bitwise", n) for n in gradcheck.not_bitwise(tables["manual atomic"])]
+                    failures += [(*where, "not bitwise", n) for n in gradcheck.not_bitwise(tables["atomic"])]
     return failures
 
 
@@ -209,11 +210,9 @@ def _bn_bwd_scaled(factor, eps, residuals, dy):
 
 
 def _bn_bwd_without_bessel(eps, residuals, dy):
-    x_hat, inv_std, gain = residuals
-    n = x_hat.shape[0]
-    dbias = jnp.sum(dy, axis=0, keepdims=True)
-    dgain = jnp.sum(dy * x_hat, axis=0, keepdims=True)
-    return (gain * inv_std / n) * (n * dy - dbias - x_hat * dgain), dgain, dbias
+    del eps
+    closed_form = mutated(closed_forms, closed_forms.batch_norm_backward, "(n / (n - 1)) * x_hat", "x_hat")
+    return closed_form(*residuals, dy)
 
 
 def broken_batch_norm(bwd):
@@ -241,9 +240,9 @@ def test_planted_errors_fail_the_check_in_both_precisions(dataset, monkeypatch, 
         monkeypatch.setattr(vjp, "batch_norm", broken_batch_norm(bwd))
         jax.clear_caches()
         with jax.enable_x64(dtype == "float64"):
-            rows = gradcheck.custom_vjp_rows(*problems[dtype], gradcheck.tolerance_for(dtype), noise[dtype])
+            rows = gradcheck.method_rows(*problems[dtype], "custom_vjp", gradcheck.tolerance_for(dtype), noise[dtype])
         failed = {r.name for r in rows if not r.close}
-        assert {"hprebn", "W1", "C"} <= failed, gradcheck.format_table(rows, f"planted, {dtype}")
+        assert {"hprebn[1]", "W1", "C"} <= failed, gradcheck.format_table(rows, f"planted, {dtype}")
     monkeypatch.undo()
 
     original = manual.fused_backward
@@ -255,7 +254,8 @@ def test_planted_errors_fail_the_check_in_both_precisions(dataset, monkeypatch, 
     monkeypatch.setattr(manual, "fused_backward", off_by_a_little)
     jax.clear_caches()
     with jax.enable_x64(True):
-        rows = gradcheck.fused_rows(*problems["float64"], gradcheck.tolerance_for("float64"), noise["float64"])
+        tol = gradcheck.tolerance_for("float64")
+        rows = gradcheck.method_rows(*problems["float64"], "manual", tol, noise["float64"])
     assert {r.name for r in rows if not r.close} == {"W2"}, gradcheck.format_table(rows, "planted fused")
 
 
@@ -272,8 +272,8 @@ def mutated(module, function, old, new):
 
 
 def _axis_mixed_up_vjp():
-    bwd = mutated(vjp, vjp._batch_norm_bwd, "n = x_hat.shape[0]", "n = x_hat.shape[1]")
-    return broken_batch_norm(bwd)
+    closed_form = mutated(closed_forms, closed_forms.batch_norm_backward, "n = x_hat.shape[0]", "n = x_hat.shape[1]")
+    return broken_batch_norm(lambda eps, residuals, dy: closed_form(*residuals, dy))
 
 
 def _axis_mixed_up_jvp():
@@ -303,11 +303,21 @@ def test_fixed_finite_difference_shapes_tell_every_axis_apart():
 @pytest.mark.slow
 def test_a_dropped_eps_in_the_atomic_dbnvar_is_within_tolerance_but_not_bitwise(dataset, monkeypatch, fresh_traces):
     """``dbnvar = -1/2 bnvar^(-3/2) dbnvar_inv`` (no ``eps``; ~5e-6 relative): only the bitwise check
-    sees it. ``manual.BN_EPS`` is read by the atomic dbnvar alone (the forward's eps is ``ops``')."""
-    monkeypatch.setattr(manual, "BN_EPS", 0.0)
+    sees it."""
+    monkeypatch.setattr(manual, "block_backward", eps_dropped_in(layers={1}))
     rows = gradcheck.atomic_rows(*problem(dataset, 32, 64, 0, jnp.float32), TOL)
     assert all(r.close for r in rows), gradcheck.format_table(rows, "dropped eps")
-    assert "bnvar" in gradcheck.not_bitwise(rows) and "bnvar_inv" not in gradcheck.not_bitwise(rows)
+    assert "bnvar[1]" in gradcheck.not_bitwise(rows) and "bnvar_inv[1]" not in gradcheck.not_bitwise(rows)
+
+
+def eps_dropped_in(layers):
+    """``manual.block_backward`` with ``eps = 0`` in its ``dbnvar`` for the blocks in ``layers`` only."""
+    original = manual.block_backward
+
+    def block_backward(params, layer, v, dh, eps=ops.BN_EPS):
+        return original(params, layer, v, dh, 0.0 if layer in layers else eps)
+
+    return block_backward
 
 
 def test_bitwise_equality_is_claimed_in_float32_on_cpu_only():
@@ -327,8 +337,9 @@ def test_script_passes_prints_every_table_the_jaxprs_and_plots(capsys, tmp_path)
     code = script.main(["--hidden", "24", "--batch-size", "16", "--plot", str(tmp_path), "--show-jaxpr"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.count("### ") == 5 + 3 and "| bnvar_inv |" in out and "OK: all 53 tensors" in out
-    assert "| tensor | manual atomic | manual fused | custom_vjp | custom_jvp |" in out
+    assert out.count("### ") == 4 * 4 + 1 + 3 and "| bnvar_inv[1] |" in out and "OK: all 53 tensors" in out
+    assert "| tensor | atomic | custom_vjp | custom_jvp | manual |" in out
+    assert "### atomic manual backward vs jax.grad: block 1" in out
     assert "16x24 (classes 29)" in out and "cross_entropy ok, batch_norm ok" in out
     counts = {rules: int(out.split(f"backward pass, {rules}: ")[1].split()[0]) for rules in ("autodiff", "custom_vjp")}
     assert counts["custom_vjp"] < counts["autodiff"]  # what the closed form removes
@@ -372,13 +383,13 @@ def test_script_fails_when_the_atomic_pass_is_not_bitwise(
     """A dropped eps in the atomic dbnvar: within tolerance, so only the bitwise claim can fail it."""
     if not gradcheck.atomic_bitwise_claimed("float32"):
         pytest.skip(f"bitwise equality is not claimed on {jax.default_backend()}")
-    monkeypatch.setattr(manual, "BN_EPS", 0.0)
+    monkeypatch.setattr(manual, "block_backward", eps_dropped_in(layers={1}))
     script = load_script("gradcheck")
     assert script.main([]) == 1  # the default sizes (at batch 5, hidden 3 the tolerance sees it too)
     captured = capsys.readouterr()
     assert "**NO**" not in captured.out
     failed = captured.err.split("not bitwise equal to jax.grad")[1]
-    assert "bnvar" in failed and "hprebn" in failed and "bnvar_inv" not in failed
+    assert "bnvar[1]" in failed and "hprebn[1]" in failed and "bnvar_inv[1]" not in failed
 
 
 @pytest.mark.parametrize(
@@ -414,3 +425,124 @@ def test_script_checks_its_inputs_and_outputs_before_any_work(tmp_path, capsys):
     assert cli.run(script.main, ["--plot", str(a_file)]) == 2
     captured = capsys.readouterr()
     assert "not a directory" in captured.err and "###" not in captured.out
+
+
+# --- depth: every table per layer, an error in one layer is seen in that layer -----------------------
+
+DEEP = (8, 6, 5)  # three blocks of different widths, so that a tensor read from the wrong block has the wrong shape
+
+
+def test_deep_tables_cover_every_block_and_group_by_layer(dataset):
+    params, X, Y = problem(dataset, 16, DEEP, 3, jnp.float32)
+    tables = gradcheck.all_tables(params, X, Y, TOL)
+    assert list(tables) == ["atomic", "custom_vjp", "custom_jvp", "manual"]
+    atomic = [row.name for row in tables["atomic"]]
+    assert set(atomic) == {*manual.intermediates(3), *model.param_names(model.ModelConfig(hidden=DEEP))}
+    assert [row.name for row in tables["manual"]][:4] == ["logits", "hprebn[3]", "hprebn[2]", "hprebn[1]"]
+    assert all(row.close for rows in tables.values() for row in rows)
+    assert not gradcheck.not_bitwise(tables["atomic"])
+    groups = gradcheck.by_layer(tables["atomic"], 3)
+    assert list(groups) == ["loss", "output layer", "block 3", "block 2", "block 1", "embedding"]
+    assert {row.name for row in groups["block 2"]} == {
+        *(model.layer_name(name, 2) for name in manual.BLOCK_INTERMEDIATES),
+        *model.block_param_names(2),
+    }
+    assert {row.name for row in groups["output layer"]} == {"W4", "b4"}
+
+
+def in_block(layer, broken, original):
+    """A batch-norm rule that is ``broken`` in block ``layer`` only: every trace calls the rule once per
+    block, in order (forward: 1 to L; the fused backward: L to 1), so the call count says which block is
+    being traced. The tests plant in block 2 of 3, which is the second call either way."""
+    calls = []
+
+    def rule(*args):
+        calls.append(None)
+        block = (len(calls) - 1) % len(DEEP) + 1
+        return (broken if block == layer else original)(*args)
+
+    return rule
+
+
+def failed_rows(rows):
+    return {row.name for row in rows if not row.close}
+
+
+def above(layer):
+    """Every tensor the backward pass reaches before block ``layer``: they must still pass."""
+    later = range(layer + 1, len(DEEP) + 1)
+    names = {"logits", f"W{len(DEEP) + 1}", f"b{len(DEEP) + 1}"}
+    for block in later:
+        names |= {model.layer_name("hprebn", block), *model.block_param_names(block)}
+    return names
+
+
+@pytest.mark.slow
+def test_an_error_planted_in_one_blocks_rule_is_seen_from_that_block_down(dataset, monkeypatch, fresh_traces):
+    """Batch norm's backward off by 1e-3 in block 2 of 3 only, in each hand-written mode: block 2's
+    ``hprebn`` and everything below it fail; the output layer and block 3 pass (a rule shared wrongly
+    across layers, or a block's gradient read from another block, fails this)."""
+    params, X, Y = problem(dataset, 16, DEEP, 3, jnp.float32)
+    noise = gradcheck.boundary_noise(params, X, Y)
+    original_closed_form = closed_forms.batch_norm_backward
+
+    def off(x_hat, inv_std, gain, dy):
+        dx, dgain, dbias = original_closed_form(x_hat, inv_std, gain, dy)
+        return dx * (1 + 1e-3), dgain, dbias
+
+    monkeypatch.setattr(closed_forms, "batch_norm_backward", in_block(2, off, original_closed_form))
+    rows = gradcheck.method_rows(params, X, Y, "manual", TOL, noise)  # the fused pass calls it per block
+    assert {"hprebn[2]", "hprebn[1]", "W2", "W1", "C"} <= failed_rows(rows), gradcheck.format_table(rows, "fused")
+    assert not failed_rows(rows) & above(2), gradcheck.format_table(rows, "fused")
+    monkeypatch.undo()
+
+    broken_rule = broken_batch_norm(functools.partial(_bn_bwd_scaled, 1 + 1e-3))
+    rule_set = model.RULE_SETS["custom_vjp"]
+    planted = in_block(2, lambda x, g, b, tap: broken_rule(x, g, b), rule_set.batch_norm)
+    monkeypatch.setitem(model.RULE_SETS, "custom_vjp", dataclasses.replace(rule_set, batch_norm=planted))
+    jax.clear_caches()
+    rows = gradcheck.method_rows(params, X, Y, "custom_vjp", TOL, noise)
+    assert {"hprebn[2]", "hprebn[1]", "W2", "W1", "C"} <= failed_rows(rows), gradcheck.format_table(rows, "vjp")
+    assert not failed_rows(rows) & above(2), gradcheck.format_table(rows, "vjp")
+
+
+@pytest.mark.slow
+def test_an_error_planted_in_one_blocks_atomic_step_fails_there_and_below(dataset, monkeypatch, fresh_traces):
+    """The atomic pass with ``dbnvar`` off (eps dropped, within tolerance) in block 2 of 3 only: bitwise
+    equality fails at block 2's ``bnvar`` and below, and holds in block 3 and the loss side."""
+    params, X, Y = problem(dataset, 32, DEEP, 4, jnp.float32)
+    monkeypatch.setattr(manual, "block_backward", eps_dropped_in(layers={2}))
+    rows = gradcheck.atomic_rows(params, X, Y, TOL)
+    differ = set(gradcheck.not_bitwise(rows))
+    assert {"bnvar[2]", "hprebn[2]", "h[1]", "hprebn[1]", "W1", "C"} <= differ
+    assert not differ & {"h[2]", "bnvar_inv[2]", "hprebn[3]", "bnvar[3]", "W3", "logits", "W4"}
+
+
+@pytest.mark.slow
+def test_script_checks_three_blocks_in_both_precisions_bitwise(capsys, finite_differences_recorded):
+    """The acceptance check: ``--hidden 64 32 16`` passes in float32 and float64 with the atomic pass
+    bitwise equal to jax.grad on every tensor (52 of them), and finite differences at each width."""
+    script = load_script("gradcheck")
+    for dtype in ("float32", "float64"):
+        assert script.main(["--hidden", "64", "32", "16", "--dtype", dtype]) == 0
+        out = capsys.readouterr().out
+        atomic = out.split("### atomic manual backward vs jax.grad: loss")[1].split("### fused")[0]
+        assert atomic.count("| yes | yes |") == 52 and "| no |" not in atomic, dtype
+        assert "### custom_vjp rules vs jax.grad: block 3" in out
+    shapes = finite_differences_recorded[-1]
+    assert [s.hidden for s in shapes[:3]] == [16, 32, 64]
+
+
+@pytest.mark.slow
+def test_script_fails_when_one_blocks_rule_is_wrong(monkeypatch, capsys, fresh_traces, finite_differences_recorded):
+    original = closed_forms.batch_norm_backward
+
+    def off(x_hat, inv_std, gain, dy):
+        dx, dgain, dbias = original(x_hat, inv_std, gain, dy)
+        return dx * (1 + 1e-3), dgain, dbias
+
+    monkeypatch.setattr(closed_forms, "batch_norm_backward", in_block(2, off, original))
+    script = load_script("gradcheck")
+    assert script.main(["--hidden", *map(str, DEEP), "--batch-size", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "fused manual backward vs jax.grad: hprebn[2]" in err and "hprebn[3]" not in err

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxbirds import gradcheck, manual, model
+from jaxbirds import closed_forms, gradcheck, manual, model
 
 
 def make_problem(dataset, hidden, seed, dtype, batch=32):
@@ -24,7 +24,7 @@ def test_atomic_pass_equals_jax_grad_bit_for_bit_on_every_intermediate(dataset, 
     with jax.enable_x64(dtype == jnp.float64):
         params, X, Y = make_problem(dataset, hidden, seed, dtype)
         ours, ref = jax.device_get(gradcheck.atomic_vs_reference(params, X, Y))
-    assert set(ours) == set(ref) == {*manual.INTERMEDIATES, *model.PARAM_NAMES}
+    assert set(ours) == set(ref) == {*manual.intermediates(1), *params}
     for name in ref:
         assert ours[name].dtype == np.dtype(dtype), name
         np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
@@ -36,10 +36,10 @@ def test_fused_pass_is_close_to_jax_grad(dataset, dtype):
     tol = gradcheck.tolerance_for(dtype)
     with jax.enable_x64(dtype == jnp.float64):
         params, X, Y = make_problem(dataset, 200, 2, dtype)
-        rows = gradcheck.fused_rows(params, X, Y, tol)
+        rows = gradcheck.method_rows(params, X, Y, "manual", tol)
         loss = manual.fused_backward(params, X, Y).loss
         assert float(loss) == pytest.approx(float(model.loss(params, X, Y)), rel=1e-6)
-    assert [r.name for r in rows] == ["logits", "hprebn", *model.PARAM_NAMES]
+    assert [r.name for r in rows] == ["logits", "hprebn[1]", *params]
     assert all(r.close for r in rows), gradcheck.format_table(rows, "fused")
 
 
@@ -50,7 +50,7 @@ def test_fused_pass_over_random_shapes_float64(dataset, batch, hidden, seed):
     tol = gradcheck.tolerance_for(np.float64)
     with jax.enable_x64(True):
         params, X, Y = make_problem(dataset, hidden, seed, jnp.float64, batch)
-        rows = gradcheck.fused_rows(params, X, Y, tol)
+        rows = gradcheck.method_rows(params, X, Y, "manual", tol)
     assert all(r.close for r in rows), gradcheck.format_table(rows, "fused")
 
 
@@ -59,7 +59,7 @@ def test_a_tie_for_the_row_maximum_splits_its_gradient_like_jax(dataset):
     is a tie. JAX's max rule splits the gradient equally between the tied entries; the atomic pass
     must do the same, bit for bit, or it sends everything to the first maximum."""
     params, X, Y = make_problem(dataset, 16, 6, jnp.float32)
-    W2 = params["W2"].at[:, 5].set(params["W2"][:, 4])
+    W2 = params["W2"].at[:, 5].set(params["W2"][:, 4])  # the output layer of one block
     params = {**params, "W2": W2, "b2": params["b2"].at[4].set(10.0).at[5].set(10.0)}
     ours, ref = jax.device_get(gradcheck.atomic_vs_reference(params, X, Y))
     values = manual.forward_intermediates(params, X, Y)
@@ -76,7 +76,7 @@ def test_embedding_gradient_accumulates_repeated_indices():
     C = jnp.zeros((6, 2))
     X = jnp.array([[3, 3, 3], [3, 0, 3]])  # id 3 five times, id 0 once, the rest never
     demb = jnp.arange(12.0).reshape(2, 3, 2)
-    dC = manual.embedding_backward(C, X, demb)
+    dC = closed_forms.embedding_backward(C, X, demb)
     expected = np.zeros((6, 2))
     for i in range(2):  # the tutorial's double loop, as the reference
         for j in range(3):
@@ -89,10 +89,10 @@ def test_embedding_gradient_accumulates_repeated_indices():
 def test_forward_intermediates_agree_with_the_model(dataset):
     params, X, Y = make_problem(dataset, 64, 3, jnp.float32)
     values = manual.forward_intermediates(params, X, Y)
-    assert set(values) == {*manual.INTERMEDIATES, "loss"}
+    assert set(values) == {*manual.intermediates(1), "loss"}
     np.testing.assert_allclose(values["logits"], model.logits(params, X), rtol=1e-5, atol=1e-6)
     assert float(values["loss"]) == pytest.approx(float(model.loss(params, X, Y)), rel=1e-6)
-    assert values["emb"].shape == (32, 3, 10) and values["bnvar"].shape == (1, 64)
+    assert values["emb"].shape == (32, 3, 10) and values["bnvar[1]"].shape == (1, 64)
 
 
 def test_perturbations_change_only_what_they_touch(dataset):
@@ -101,15 +101,15 @@ def test_perturbations_change_only_what_they_touch(dataset):
     changes what comes after it (so ``dloss/dtap`` really is ``dloss/dh``)."""
     params, X, Y = make_problem(dataset, 64, 4, jnp.float32)
     plain = manual.forward_intermediates(params, X, Y)
-    zero = manual.forward_intermediates(params, X, Y, {"h": jnp.zeros((32, 64))})
+    zero = manual.forward_intermediates(params, X, Y, {"h[1]": jnp.zeros((32, 64))})
     for name in plain:
         np.testing.assert_array_equal(zero[name], plain[name], err_msg=name)
-    moved = manual.forward_intermediates(params, X, Y, {"h": jnp.full((32, 64), 0.1)})
-    order = list(manual.INTERMEDIATES)
-    for name in order[: order.index("h")]:
+    moved = manual.forward_intermediates(params, X, Y, {"h[1]": jnp.full((32, 64), 0.1)})
+    order = list(manual.intermediates(1))
+    for name in order[: order.index("h[1]")]:
         np.testing.assert_array_equal(moved[name], plain[name], err_msg=name)
-    np.testing.assert_allclose(moved["h"], plain["h"] + 0.1, rtol=0, atol=1e-7)
-    for name in [*order[order.index("h") + 1 :], "loss"]:
+    np.testing.assert_allclose(moved["h[1]"], plain["h[1]"] + 0.1, rtol=0, atol=1e-7)
+    for name in [*order[order.index("h[1]") + 1 :], "loss"]:
         assert not np.array_equal(moved[name], plain[name]), name
 
 
@@ -119,3 +119,35 @@ def test_manual_passes_reject_a_batch_of_one(dataset):
         manual.fused_backward(params, X[:1], Y[:1])
     with pytest.raises(ValueError, match="at least 2"):
         manual.forward_intermediates(params, X[:1], Y[:1])
+
+
+# --- depth -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_atomic_pass_is_bitwise_at_depth_three(dataset, dtype):
+    """Three blocks of different widths: every intermediate of every block, and every parameter."""
+    with jax.enable_x64(dtype == jnp.float64):
+        params, X, Y = make_problem(dataset, (24, 16, 12), 7, dtype)
+        ours, ref = jax.device_get(gradcheck.atomic_vs_reference(params, X, Y))
+    assert set(ours) == set(ref) == {*manual.intermediates(3), *params}
+    assert ours["hprebn[2]"].shape == (32, 16) and ours["W4"].shape == (12, 29)
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+
+
+def test_fused_pass_is_close_at_depth_two(dataset):
+    tol = gradcheck.tolerance_for(np.float64)
+    with jax.enable_x64(True):
+        params, X, Y = make_problem(dataset, (16, 8), 8, jnp.float64)
+        rows = gradcheck.method_rows(params, X, Y, "manual", tol)
+    assert [r.name for r in rows][:3] == ["logits", "hprebn[2]", "hprebn[1]"]
+    assert all(r.close for r in rows), gradcheck.format_table(rows, "fused, depth 2")
+
+
+def test_a_name_tapped_twice_is_an_error(dataset, monkeypatch):
+    """Two blocks tapping ``hprebn`` unnumbered (a forgotten ``in_layer``) must not silently share a name."""
+    params, X, Y = make_problem(dataset, (8, 8), 9, jnp.float32)
+    monkeypatch.setattr(model, "in_layer", lambda tap, layer: tap)
+    with pytest.raises(ValueError, match="tapped twice"):
+        manual.forward_intermediates(params, X, Y)

@@ -250,8 +250,8 @@ TINY_PARAMS = {
     "b1": [0.05, -0.1, 0.2],
     "W2": [[1.0, -0.5, 0.3, 0.2], [-0.8, 0.6, 0.1, -0.4], [0.5, 0.7, -0.9, 0.3]],
     "b2": [0.1, -0.2, 0.0, 0.3],
-    "bngain": [[1.2, 0.8, -1.1]],
-    "bnbias": [[0.1, -0.3, 0.2]],
+    "bngain1": [[1.2, 0.8, -1.1]],
+    "bnbias1": [[0.1, -0.3, 0.2]],
 }
 TINY_X = [[0, 1], [1, 2], [2, 3], [3, 0], [1, 1]]  # context ids, (5, 2); row 4 uses C[1] twice
 TINY_Y = [2, 0, 3, 1, 1]
@@ -283,8 +283,8 @@ TINY_GRADS = {
         [0.09025424413498924, 0.06452505780950041, 0.040337298962398294, -0.19511660090688793],
     ],
     "b2": [0.11827250727421236, -0.19856592216961202, 0.010301156669508723, 0.06999225822589102],
-    "bngain": [[-0.06103576091688806, -0.022978271128310725, 0.0025037648389217835]],
-    "bnbias": [[0.18868402237476511, -0.16558399285936956, -0.04057803558541605]],
+    "bngain1": [[-0.06103576091688806, -0.022978271128310725, 0.0025037648389217835]],
+    "bnbias1": [[0.18868402237476511, -0.16558399285936956, -0.04057803558541605]],
 }
 #: The gradients are ~0.1: db1's exact zero comes out as rounding noise of sums of such terms.
 TINY_GRAD_SCALE = 0.2
@@ -296,10 +296,10 @@ def tiny_case(dtype):
     return params, jnp.asarray(TINY_X, jnp.int32), jnp.asarray(TINY_Y, jnp.int32)
 
 
-def assert_tiny_grads(grads, rtol, how):
-    assert set(grads) == set(model.PARAM_NAMES)
-    for name in model.PARAM_NAMES:
-        assert_pinned(grads[name], TINY_GRADS[name], rtol, atol=rtol * TINY_GRAD_SCALE, name=f"d{name} ({how})")
+def assert_tiny_grads(grads, rtol, how, expected=TINY_GRADS):
+    assert set(grads) == set(expected)
+    for name in expected:
+        assert_pinned(grads[name], expected[name], rtol, atol=rtol * TINY_GRAD_SCALE, name=f"d{name} ({how})")
 
 
 @jax.jit
@@ -341,7 +341,82 @@ def test_the_manual_backward_passes_equal_the_numpy_values(dtype, rtol):
         assert_tiny_grads(fused.grads, rtol, "fused")
         assert_pinned(values["loss"], TINY_LOSS, rtol, name="loss (atomic)")
         assert_pinned(values["logits"], TINY_LOGITS, rtol, name="logits (atomic)")
-        assert_tiny_grads({name: atomic[name] for name in model.PARAM_NAMES}, rtol, "atomic")
+        assert_tiny_grads({name: atomic[name] for name in TINY_PARAMS}, rtol, "atomic")
+
+
+# --------------------------------------------------------------------------- #
+# Two blocks: hidden 3 then 2, the same embedding and first block             #
+# --------------------------------------------------------------------------- #
+
+DEEP = model.ModelConfig(vocab_size=4, context_size=2, embedding_dim=2, hidden=(3, 2))
+DEEP_PARAMS = {
+    **{name: TINY_PARAMS[name] for name in ("C", "W1", "b1", "bngain1", "bnbias1")},
+    "W2": [[0.9, -0.7], [-0.4, 0.5], [0.6, 0.8]],
+    "b2": [-0.15, 0.25],
+    "W3": [[1.0, -0.5, 0.3, 0.2], [-0.8, 0.6, 0.1, -0.4]],
+    "b3": [0.1, -0.2, 0.0, 0.3],
+    "bngain2": [[0.7, -1.3]],
+    "bnbias2": [[-0.2, 0.05]],
+}
+DEEP_LOSS = 1.4592049352383036
+DEEP_LOGITS = [
+    [-0.8366877015697145, 0.3389407891258414, -0.1609915152912412, 0.02794613367687604],
+    [-0.24058851399609302, 0.14445142659272853, 0.19389063411213162, 0.022893693687162875],
+    [0.7185840406113091, -0.5079515027122432, 0.18785409209219214, 0.4221081870101681],
+    [0.2828142112717019, -0.48556789672845363, -0.2752290814759141, 0.5695557915654637],
+    [-0.9173632358372973, 0.42223327804032623, -0.11217114854433709, -0.03973463931347271],
+]
+DEEP_GRADS = {
+    "C": [
+        [-0.02872352561727053, 0.025466514342900853],
+        [0.011044402808283633, -0.030008742375377272],
+        [0.03662513269304856, -0.03276567063620337],
+        [-0.018946009884061667, 0.03730789866867982],
+    ],
+    "W1": [
+        [-0.08795611429730801, 0.04096005895716973, 0.032455698177513814],
+        [0.08654297947106766, -0.008508353717791866, -0.033953899129726975],
+        [-0.04745260638062504, 0.029309310791984875, -0.12697176412901717],
+        [-0.002775922009033053, -0.0352088964416425, 0.02424940126889333],
+    ],
+    "b1": [0.0, 0.0, 0.0],  # exactly, as for one block
+    "W2": [
+        [-0.03723960108061898, -0.08863876409842929],
+        [0.09433680542629307, 0.005629005539879844],
+        [0.11874861368349524, -0.08107676814675074],
+    ],
+    "b2": [0.0, 0.0],  # exactly: block 2's batch norm removes any shift of its input too
+    "W3": [
+        [-0.07269067633689448, 0.1538048282484347, 0.10271522576725944, -0.18382937767879962],
+        [-0.1782949758872751, 0.17466432694680034, -0.009668425923871488, 0.013299074864346224],
+    ],
+    "b3": [0.0176525072035175, -0.13857325870467357, 0.030014356466971155, 0.0909063950341849],
+    "bngain1": [[0.023531290023184017, -0.02253461918931185, -0.013189764410430287]],
+    "bnbias1": [[-0.02372107849037832, 0.0025244010618160895, -0.05008990146497119]],
+    "bngain2": [[-0.17375868519733464, -0.01775772849896915]],
+    "bnbias2": [[0.04276169054644786, -0.04001574809754543]],
+}
+
+
+def deep_case(dtype):
+    params = {name: jnp.asarray(value, dtype) for name, value in DEEP_PARAMS.items()}
+    model.check_params(params, DEEP)
+    return params, jnp.asarray(TINY_X, jnp.int32), jnp.asarray(TINY_Y, jnp.int32)
+
+
+@DTYPES
+def test_two_blocks_every_mode_equals_the_numpy_values(dtype, rtol):
+    """Every gradient mode (jax.grad under each rule set, both passes by hand) on a model of two
+    blocks, against plain numpy float64 (complex-step gradients; the script at the bottom)."""
+    from jaxbirds import modes
+
+    with jax.enable_x64(dtype == jnp.float64):
+        params, X, Y = deep_case(dtype)
+        assert_pinned(model.logits(params, X), DEEP_LOGITS, rtol, name="logits")
+        results = jax.jit(lambda p: {name: m.loss_and_grads(p, X, Y) for name, m in modes.MODES.items()})(params)
+        for name, (loss, grads) in results.items():
+            assert_pinned(loss, DEEP_LOSS, rtol, name=f"loss ({name})")
+            assert_tiny_grads(grads, rtol, name, expected=DEEP_GRADS)
 
 
 # --------------------------------------------------------------------------- #
@@ -356,8 +431,8 @@ INIT_SCALES = {
     "b1": (0.0, 0.1),
     "W2": (0.0, 0.1),
     "b2": (0.0, 0.1),
-    "bngain": (1.0, 0.1),
-    "bnbias": (0.0, 0.1),
+    "bngain1": (1.0, 0.1),
+    "bnbias1": (0.0, 0.1),
 }
 
 
@@ -440,7 +515,9 @@ def test_the_first_five_losses_of_the_seeded_default_run(dataset):
 #     (softmax(logits) - eye(3)[labels]) / 2 to 1e-15.
 # batch norm: bn(x, gain, bias), cs_grad of sum(bn(...) * dy) for x, gain and bias in turn.
 # eval: gain * (x - mean) / sqrt(var + 1e-5) + bias, and its cs_grad for x.
-# model: logits = tanh(bn(C[X].reshape(n, -1) @ W1 + b1, bngain, bnbias)) @ W2 + b2, loss = ce(logits, Y),
+# model: logits = tanh(bn(C[X].reshape(n, -1) @ W1 + b1, bngain1, bnbias1)) @ W2 + b2, loss = ce(logits, Y),
 #     cs_grad of the loss for each parameter in turn.
+# two blocks: h = C[X].reshape(n, -1); then for l in (1, 2): h = tanh(bn(h @ Wl + bl, bngainl, bnbiasl));
+#     logits = h @ W3 + b3; the loss and its cs_grad for each parameter in turn, as above.
 # first loss: 2,000 draws of (C, W1, b1, W2, b2, bngain, bnbias) by the tutorial's recipe with
 #     np.random.default_rng(0), each on 32 random contexts and labels; the mean and std of the loss.

@@ -233,5 +233,5 @@ def test_rules_work_under_jit_and_vmap_over_a_batch_of_models(dataset):
     batched = jax.vmap(grad_fn)(stacked)
     for k in range(len(keys)):
         one = grad_fn(jax.tree.map(operator.itemgetter(k), stacked))
-        for name in model.PARAM_NAMES:
+        for name in model.param_names(config):
             np.testing.assert_allclose(batched[name][k], one[name], rtol=1e-5, atol=1e-8)
