@@ -34,16 +34,22 @@ def statistics_problem(stats) -> str | None:
     """Why calibrated batch-norm statistics are no result, or None when they are finite.
 
     Args:
-      stats: a ``BatchNormStats``: the mean and the unbiased variance of ``hprebn``, each (1, H).
+      stats: a ``ModelStats``: one ``BatchNormStats`` per block, first to last, each the mean and the
+        unbiased variance of the block's ``hprebn``, (1, H_l).
 
     Returns:
-      None, or a sentence for the user naming the statistic and how many of the H units are not finite.
+      None, or a sentence for the user naming the statistic, its block and how many of the block's H_l
+      units are not finite (the first such statistic, blocks first to last, the mean before the variance).
     """
-    for name, values in (("mean", stats.mean), ("variance", stats.var)):
-        values = np.asarray(values)
-        bad = int(values.size - np.isfinite(values).sum())
-        if bad:
-            return f"batch norm's {name} over the training split is not finite in {bad} of {values.size} units"
+    for layer, block in enumerate(stats, start=1):
+        for name, values in (("mean", block.mean), ("variance", block.var)):
+            values = np.asarray(values)
+            bad = int(values.size - np.isfinite(values).sum())
+            if bad:
+                return (
+                    f"batch norm's {name} over the training split is not finite in {bad} of {values.size} units "
+                    f"of block {layer}"
+                )
     return None
 
 

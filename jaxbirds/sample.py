@@ -23,7 +23,8 @@ import numpy as np
 from jaxbirds import memory, model
 from jaxbirds.data import Vocabulary
 from jaxbirds.errors import ConfigError
-from jaxbirds.model import BatchNormStats, Params
+from jaxbirds.evaluate import widest_block
+from jaxbirds.model import ModelStats, Params
 
 #: The longest name drawn unless asked otherwise.
 MAX_LENGTH = 50
@@ -33,7 +34,7 @@ MAX_LENGTH = 50
 def sample_ids(
     key: jax.Array,
     params: Params,
-    stats: BatchNormStats,
+    stats: ModelStats,
     temperature: float | jax.Array,
     *,
     count: int,
@@ -42,6 +43,7 @@ def sample_ids(
 ) -> jax.Array:
     """``(count, max_length)`` int32 character ids; position ``t`` drawn with ``fold_in(key, t)``.
 
+    ``stats``: one calibrated ``BatchNormStats`` per block (:func:`jaxbirds.evaluate.calibrate`).
     Positions after a name's end token are 0 too (a finished name stays finished).
     """
 
@@ -92,12 +94,15 @@ def check_fits(params: Params, count: int, max_length: int, context_size: int, b
     """Refuse a request whose names cannot all be drawn at once within the memory budget.
 
     Per name: its ids and context (int32), and a few rows of hidden and output
-    activations (``hidden + vocabulary`` values) for the position in flight.
+    activations (``hidden + vocabulary`` values) for the position in flight, ``hidden``
+    the widest block's width: the blocks run one after another, so a name holds one
+    block's activations at a time (:func:`jaxbirds.evaluate.batch_size_for` counts the same way).
     """
     if count < 1 or max_length < 1:
         raise ConfigError(f"count and max_length must be >= 1, got {count} and {max_length}")
     itemsize = params["W1"].dtype.itemsize
-    per_name = 4 * (max_length + context_size) + 4 * itemsize * (params["W1"].shape[1] + params["W2"].shape[1])
+    vocab = params[model.output_param_names(params)[0]].shape[1]
+    per_name = 4 * (max_length + context_size) + 4 * itemsize * (widest_block(params) + vocab)
     memory.require(
         count * per_name,
         f"sampling {count:,} names of up to {max_length:,} characters",
@@ -109,7 +114,7 @@ def check_fits(params: Params, count: int, max_length: int, context_size: int, b
 def sample_names(
     key: jax.Array,
     params: Params,
-    stats: BatchNormStats,
+    stats: ModelStats,
     vocab: Vocabulary,
     context_size: int,
     count: int = 10,

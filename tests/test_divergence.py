@@ -19,13 +19,14 @@ def test_the_first_bad_step_is_the_first_loss_that_is_not_finite():
 
 
 def test_statistics_and_losses_that_are_no_result_are_named():
-    finite = BatchNormStats(np.zeros((1, 4)), np.ones((1, 4)))
+    finite = (BatchNormStats(np.zeros((1, 4)), np.ones((1, 4))),)
     assert divergence.statistics_problem(finite) is None
-    overflowed = BatchNormStats(np.zeros((1, 4)), np.array([[1.0, np.inf, np.nan, 2.0]]))
-    assert "variance" in divergence.statistics_problem(overflowed) and "2 of 4" in divergence.statistics_problem(
-        overflowed
+    overflowed = (BatchNormStats(np.zeros((1, 4)), np.array([[1.0, np.inf, np.nan, 2.0]])),)
+    assert divergence.statistics_problem(overflowed) == (
+        "batch norm's variance over the training split is not finite in 2 of 4 units of block 1"
     )
-    assert "mean" in divergence.statistics_problem(BatchNormStats(np.full((1, 2), -np.inf), np.ones((1, 2))))
+    infinite_mean = (BatchNormStats(np.full((1, 2), -np.inf), np.ones((1, 2))),)
+    assert "mean over the training split is not finite in 2 of 2 units" in divergence.statistics_problem(infinite_mean)
 
     assert divergence.loss_problem({"train": 1.3, "dev": None, "test": 1.4}) is None  # an empty split is no problem
     assert "dev split is not finite" in divergence.loss_problem({"train": 1.3, "dev": math.nan, "test": 1.4})
@@ -37,6 +38,22 @@ def test_statistics_and_losses_that_are_no_result_are_named():
     assert divergence.loss_problem({"train": 87.3}) is None and divergence.loss_problem({"train": 87.4}) is not None
     assert divergence.evaluation_problem(overflowed, {"train": 1.0}).startswith("batch norm's variance")
     assert divergence.evaluation_problem(finite, {"train": math.inf}).startswith("the loss")
+
+
+def test_the_block_whose_statistics_are_not_finite_is_named():
+    """Three blocks of widths 4, 3, 5: the message names the first block whose statistics are not finite."""
+    blocks = [BatchNormStats(np.zeros((1, width)), np.ones((1, width))) for width in (4, 3, 5)]
+    assert divergence.statistics_problem(tuple(blocks)) is None
+    bad_third = BatchNormStats(np.zeros((1, 5)), np.array([[1.0, np.nan, 2.0, 3.0, np.inf]]))
+    third = (*blocks[:2], bad_third)
+    assert divergence.statistics_problem(third).endswith(
+        "variance over the training split is not finite in 2 of 5 units of block 3"
+    )
+    second = (blocks[0], BatchNormStats(np.array([[np.inf, 0.0, 0.0]]), np.ones((1, 3))), bad_third)
+    assert divergence.statistics_problem(second).endswith(
+        "mean over the training split is not finite in 1 of 3 units of block 2"
+    )
+    assert "block 3" in divergence.evaluation_problem(third, {"train": 1.0})
 
 
 @pytest.fixture(scope="module")
