@@ -1,9 +1,24 @@
 """A training run on disk: what ``scripts/train.py`` does, as a library function.
 
-Train in compiled chunks, saving a checkpoint after every chunk on a background
-thread (so a crash or Ctrl-C loses at most one chunk, and the device never
-waits for the disk), then calibrate batch norm, evaluate every split, sample
-names, and write ``metrics.json`` and ``loss.png``.
+:func:`run` is a sequence of phases, each a function below that says what it reads and writes:
+
+1. check what the end of the run needs (matplotlib, memory for the samples): :func:`_check_options`;
+2. start a helper thread that compiles the end of the run while the device trains: :class:`_HelperThread`;
+3. train in compiled chunks, saving a checkpoint after every chunk on a background thread (so a
+   crash or Ctrl-C loses at most one chunk, and the device never waits for the disk), with a
+   progress line every ``log_every`` steps: :func:`_train_with_checkpoints`;
+4. stop there if training diverged or was interrupted: :func:`_diverged`, :func:`_interrupted`;
+5. draw the loss curve on the helper thread while batch norm is calibrated and every split is
+   evaluated: :func:`_draw_loss_curve`, :func:`_calibrate_and_evaluate` (an evaluation that overflows
+   ends the run as diverged: :func:`_diverged_in_evaluation`);
+6. save the calibrated checkpoint and print the losses: :func:`_save_result`;
+7. sample names: :func:`_sample_names`;
+8. write ``metrics.json`` and say what the run wrote and how long it took: :func:`_metrics`,
+   :func:`_write_metrics`, :func:`_say_done`.
+
+The state passed from phase to phase is explicit: each returns what the next ones read (``_Trained``,
+``_Evaluation``, ``_Samples``, the seconds it took) and :func:`run` collects the seconds by phase. An
+optional phase of a finished run (diagnostics, say) goes between 7 and 8, where :func:`run` marks it.
 
 Files in the output directory:
 
@@ -28,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 import jax
 import numpy as np
@@ -44,16 +59,29 @@ check_writable_dir, check_writable_file = outputs.check_writable_dir, outputs.ch
 # Exit codes of a run (the CLI returns them).
 OK, DIVERGED, INTERRUPTED = 0, 1, 130
 
+#: ``say(line)``: where a run's messages go (a line of text, no newline).
+Say = Callable[[str], None]
+
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    out: Path
-    samples: int = 10
-    plot: bool = True
-    log_every: int = 10_000
+    """What a run writes and prints besides its checkpoint (``scripts/train.py``'s output flags)."""
+
+    out: Path  # the output directory (--out): every file of the run goes there
+    samples: int = 10  # names sampled at the end (--samples; 0: none)
+    plot: bool = True  # draw loss.png (False: --no-plot)
+    log_every: int = 10_000  # steps between progress lines (--log-every)
 
 
 def format_seconds(seconds: float) -> str:
+    """A duration as people read it.
+
+    Args:
+      seconds: a duration; NaN or infinity when unknown (an ETA before the first chunk).
+
+    Returns:
+      ``"42s"`` under a minute, ``"3m05s"`` from a minute on, ``"?"`` if ``seconds`` is not finite.
+    """
     if not np.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -62,6 +90,14 @@ def format_seconds(seconds: float) -> str:
 
 def load_resumable(path: Path, data_path: Path | None) -> tuple[Checkpoint, Dataset]:
     """A saved run (or sweep) to continue, and its data: ``data_path``, by default the data it was trained on.
+
+    Args:
+      path: the checkpoint (``checkpoint.npz``, or a sweep's state).
+      data_path: the names file given with ``--data``, or None for the one the checkpoint names (the
+        shipped file for a checkpoint that names none).
+
+    Returns:
+      ``(saved, dataset)``: the checkpoint, and the data split with its context size.
 
     Raises:
       CheckpointError: the checkpoint cannot be read, or does not fit the data's vocabulary and context.
@@ -82,86 +118,34 @@ def load_resumable(path: Path, data_path: Path | None) -> tuple[Checkpoint, Data
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start a new run over saved results unless asked to; check that ``out`` and every file a
-    run may write or remove there can be written (:func:`jaxbirds.outputs.prepare`). Creates nothing."""
+    run may write or remove there can be written (:func:`jaxbirds.outputs.prepare`). Creates nothing.
+
+    Args:
+      out: the output directory.
+      resume: the run continues the one saved in ``out`` (``--resume``).
+      overwrite: a new run may replace the one saved in ``out`` (``--overwrite``).
+
+    Raises:
+      OutputError: ``out`` holds a saved run that neither flag allows to touch, or a file cannot be written.
+    """
     outputs.prepare(out, outputs.ALL_FILES, "a saved run", outputs.CHECKPOINT, resume=resume, overwrite=overwrite)
-
-
-def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool | None = None) -> checkpoint.Writer:
-    """The background writer of a run's checkpoint and loss log, continuing the log's first ``keep`` steps.
-
-    A new run into an ``--out`` that holds results (``--overwrite``: the up-front check refused it
-    otherwise) *replaces* them: their files go only once the new run's first checkpoint is on disk
-    (see :class:`checkpoint.Writer`). A resumed run removes nothing: what else ``--out`` holds (a
-    sweep's state and results, say) is not the run's to replace.
-    """
-    if replacing is None:
-        replacing = start.state.step == 0 and any((options.out / name).exists() for name in outputs.ALL_FILES)
-    after_first = (
-        (lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, outputs.LOSS_LOG))) if replacing else None
-    )
-    return checkpoint.Writer(
-        options.out / CHECKPOINT, LossLog(options.out / outputs.LOSS_LOG), keep, replacing, after_first
-    )
-
-
-def _diverged(result, start: Checkpoint, writer, options: RunOptions, say) -> int:
-    """Save the last state whose loss is finite and say what to do.
-
-    Saved as the writer saves any chunk (a writer of its own, the training one being closed): the log cut to
-    the steps it keeps, then this call's steps appended, the checkpoint stamped with their CRC-32, and an
-    ``--overwrite`` run's old files removed only once the new checkpoint is on disk.
-    """
-    ckpt_path, out = outputs.make_dir(options.out) / CHECKPOINT, shlex.quote(str(options.out))
-    good = result.state
-    keep = min(writer.steps_logged, good.step)  # the log holds at least the saved steps; cut to the good state
-    replacing = writer.replacing and not writer.started
-    final = _writer(options, start, keep, replacing=replacing)
-    final.submit(start._replace(state=jax.device_get(good), stats=None), result.losses[keep : good.step])
-    final.close()
-    lr = start.train_config.learning_rate
-    if good.step == result.diverged_at:
-        say(
-            f"error: the loss is already non-finite at step {result.diverged_at:,}, the first step of this call: "
-            f"the saved state itself gives it, so no learning rate can continue from it. Start again with a "
-            f"lower learning rate:\n  python scripts/train.py --overwrite --out {out} --lr {lr / 10:g}"
-        )
-    else:
-        say(
-            f"error: the loss became non-finite at step {result.diverged_at:,}. The last state with a finite loss "
-            f"(step {good.step:,}) is saved in {ckpt_path}. Continue from it with a lower learning rate:\n"
-            f"  python scripts/train.py --resume --out {out} --lr {lr / 10:g}"
-        )
-    return DIVERGED
-
-
-def _diverged_in_evaluation(problem: str, result, start: Checkpoint, options: RunOptions, plot, helper, say) -> int:
-    """Training kept finite losses, but the trained model's evaluation overflows: the run has diverged.
-
-    The checkpoint the writer saved after the last chunk stays (without statistics), so nothing is lost,
-    but no metrics are written and no names are sampled: there is no result to report. The loss curve,
-    which shows how the loss grew, is still drawn.
-    """
-    if plot is not None:
-        say(f"wrote {plot.result()}")
-    helper.shutdown()
-    last = result.losses[-1] if len(result.losses) else float("nan")
-    lr, out = start.train_config.learning_rate, shlex.quote(str(options.out))
-    say(
-        f"error: the model diverged: training kept finite losses (the last one {last:.3g}), but {problem}, so "
-        f"it has no loss to report. Its state at step {result.state.step:,} is kept in {options.out / CHECKPOINT}, "
-        f"but cannot be continued usefully. Start again with a lower learning rate:\n"
-        f"  python scripts/train.py --overwrite --out {out} --lr {lr / 10:g}"
-    )
-    return DIVERGED
 
 
 #: Seconds between two progress lines of a long phase after training (a shorter phase prints none).
 PROGRESS_EVERY = 2.0
 
 
-def progress_line(say, label: str) -> evaluate.Progress:
+def progress_line(say: Say, label: str) -> evaluate.Progress:
     """``progress(done, total)`` that says how far a phase is, every :data:`PROGRESS_EVERY` seconds of a long
-    phase and never in a short one (:func:`jaxbirds.evaluate.throttled`)."""
+    phase and never in a short one (:func:`jaxbirds.evaluate.throttled`).
+
+    Args:
+      say: where the line goes.
+      label: the phase, as the line names it (``"calibrating batch norm"``).
+
+    Returns:
+      The callback; its lines read ``"<label>: 40% done after 3s"``.
+    """
     t0 = time.perf_counter()
 
     def line(done: int, total: int) -> None:
@@ -171,12 +155,26 @@ def progress_line(say, label: str) -> evaluate.Progress:
     return evaluate.throttled(line, PROGRESS_EVERY)
 
 
-def evaluate_splits(params, dataset: Dataset, should_stop: Callable[[], bool], say):
+def evaluate_splits(params, dataset: Dataset, should_stop: Callable[[], bool], say: Say):
     """Calibrate batch norm on the training split, then the loss of every split; ``(stats, losses, problem)``.
 
-    ``problem`` is why the evaluation is no result (:func:`jaxbirds.divergence.evaluation_problem`), or None.
     Losses are not computed when the statistics already say the model diverged. Long phases print their
-    progress; ``should_stop`` is polled between batches (:class:`jaxbirds.evaluate.Stopped` is raised).
+    progress; ``should_stop`` is polled between batches.
+
+    Args:
+      params: the trained parameters.
+      dataset: the splits; the training split calibrates batch norm.
+      should_stop: polled between batches.
+      say: where the progress lines of long phases go.
+
+    Returns:
+      ``(stats, losses, problem)``: the batch-norm statistics over the training split; the mean
+      cross-entropy of each split by name (None for an empty split, and for every split when the
+      statistics are no result); ``problem``, why the evaluation is no result
+      (:func:`jaxbirds.divergence.evaluation_problem`), or None.
+
+    Raises:
+      jaxbirds.evaluate.Stopped: ``should_stop`` returned True.
     """
     stats = evaluate.calibrate(
         params, dataset.train.X, progress=progress_line(say, "calibrating batch norm"), should_stop=should_stop
@@ -192,6 +190,137 @@ def evaluate_splits(params, dataset: Dataset, should_stop: Callable[[], bool], s
         for name, s in dataset.splits.items()
     }  # fmt: skip
     return stats, split_losses, divergence.loss_problem(split_losses)
+
+
+def finite_or_none(value):
+    """JSON has no NaN or infinity: a value that is not a finite number becomes null.
+
+    Args:
+      value: a number, or dicts, lists and tuples of them (any other value is kept as it is).
+
+    Returns:
+      ``value`` with every float that is not finite replaced by None (tuples become lists).
+    """
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def run(
+    dataset: Dataset,
+    start: Checkpoint,
+    options: RunOptions,
+    should_stop: Callable[[], bool] = lambda: False,
+    log: TextIO | None = None,
+    phases: dict[str, float] | None = None,
+) -> int:
+    """Train ``start`` to its configured step count, evaluate, sample and write the results into ``options.out``.
+
+    A ``start`` at step 0 begins a new loss history; a later one continues the history saved beside
+    its checkpoint. Each step below is a phase of its own, whose docstring says what it reads and
+    writes; the seconds of each phase outside training are reported and written into ``metrics.json``.
+
+    Args:
+      dataset: the data; the training split trains and calibrates, every split is evaluated.
+      start: the state to train from, with its configs (a new run's initial state, or a saved one).
+      options: the output directory and what to write and print there.
+      should_stop: polled after every chunk and between evaluation batches (Ctrl-C): True saves and ends the
+        run with :data:`INTERRUPTED`.
+      log: where progress and results are printed (None: nowhere).
+      phases: the seconds the caller already spent outside training (imports, data, ...), by phase name.
+
+    Returns:
+      The exit code: :data:`OK`, :data:`DIVERGED` (the last finite state is saved, with advice) or
+      :data:`INTERRUPTED` (the last chunk's state is saved).
+
+    Raises:
+      ConfigError: the plot or the samples cannot be made (checked before anything else).
+      OutputError: a checkpoint cannot be written.
+    """
+    phases = dict(phases or {})
+    say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
+    _check_options(start, options)
+    t_start = time.perf_counter()
+    helper = _HelperThread.warming_up(dataset, start, options)
+    trained = _train_with_checkpoints(dataset, start, options, helper, should_stop, say)
+    if trained.result.diverged_at is not None or trained.result.stopped:
+        helper.abandon()  # no evaluation follows: the warm-up is of no use
+    if trained.result.diverged_at is not None:
+        return _diverged(trained, start, options, say)
+    if trained.result.stopped:
+        return _interrupted(trained.result, options, say)
+    phases["compile"] = trained.result.compile_seconds
+    phases["waiting for checkpoints"] = trained.wait_seconds
+
+    plot = _draw_loss_curve(helper, trained.result, start, options)  # drawn while the model is evaluated
+    try:
+        evaluation = _calibrate_and_evaluate(trained.result.state.params, dataset, should_stop, say)
+    except evaluate.Stopped:
+        helper.abandon()
+        return _interrupted_in_evaluation(trained.result, options, say)
+    phases["calibration and evaluation"] = evaluation.seconds
+    if evaluation.problem is not None:
+        return _diverged_in_evaluation(evaluation.problem, trained.result, start, options, plot, helper, say)
+    phases["saving"] = _save_result(trained, evaluation, start, options, say)
+    samples = _sample_names(trained.result.state.params, evaluation.stats, dataset, start, options, say)
+    phases["sampling"] = samples.seconds
+    # An optional phase of a finished run goes here: a function that reads `trained` (and `evaluation`),
+    # writes its own files, and returns its seconds for `phases` and its entry of `metrics` (made below).
+
+    if plot is not None:
+        phases["plot"] = _wait_for_plot(plot, say)
+    helper.finish()
+    # the metrics record every phase but the writing of metrics.json itself (a few milliseconds)
+    metrics = _metrics(dataset, start, trained, evaluation, samples, phases, time.perf_counter() - t_start)
+    _write_metrics(metrics, options.out)
+    _say_done(metrics, trained.result, phases, options.out, say)
+    return OK
+
+
+# The phases of a run, in order.
+
+
+def _check_options(start: Checkpoint, options: RunOptions) -> None:
+    """Phase 1: refuse now, before any work, an end of the run that cannot be done. Reads and writes nothing.
+
+    Raises:
+      ConfigError: ``options.plot`` without matplotlib, or more ``options.samples`` than fit in memory at once.
+    """
+    if options.plot:
+        plots.require()
+    if options.samples:
+        sample.check_fits(start.state.params, options.samples, sample.MAX_LENGTH, start.model_config.context_size)
+
+
+class _HelperThread(NamedTuple):
+    """Phase 2: a second thread that prepares what runs after training while the device trains (see
+    :func:`_warm_up`), then draws the loss curve while the model is evaluated. Writes nothing but ``loss.png``.
+
+    Every way out of a run ends it: :meth:`abandon` when the rest of the run will not come, :meth:`finish`
+    once the loss curve is drawn.
+    """
+
+    executor: concurrent.futures.ThreadPoolExecutor
+    warmed_up: concurrent.futures.Future  # the warm-up's: done once the end of the run is compiled
+
+    @classmethod
+    def warming_up(cls, dataset: Dataset, start: Checkpoint, options: RunOptions) -> _HelperThread:
+        """Start the thread, and the warm-up on it with stand-ins (zeros) of ``start``'s parameters."""
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        stand_in = jax.tree.map(lambda p: np.zeros(np.shape(p), p.dtype), start.state.params)
+        return cls(executor, executor.submit(_warm_up, stand_in, dataset, start.model_config.context_size, options))
+
+    def abandon(self) -> None:
+        """Drop what the thread has not started (what it is doing finishes unwaited for)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def finish(self) -> None:
+        """Wait for the thread to finish its work, and end it."""
+        self.executor.shutdown()
 
 
 def _warm_up(stand_in: model.Params, dataset: Dataset, context_size: int, options: RunOptions) -> None:
@@ -216,185 +345,386 @@ def _warm_up(stand_in: model.Params, dataset: Dataset, context_size: int, option
         sample.sample_names(train.keys_for(0).sample, stand_in, stats, dataset.vocab, context_size, options.samples)
 
 
-def finite_or_none(value):
-    """JSON has no NaN or infinity: a value that is not a finite number becomes null."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
+@dataclasses.dataclass(frozen=True)
+class _Trained:
+    """What training leaves: its result, and what the (closed) checkpoint writer did."""
+
+    result: train.TrainResult
+    steps: int  # steps trained in this call (0 when a resumed run had nothing left to train)
+    write_seconds: float  # spent writing checkpoints, on the writer's thread
+    wait_seconds: float  # the training loop waited for the writer: before chunks, and at the end
+    log_steps: int  # steps in losses.f32 once the writer is closed
+    log_crc32: int  # the CRC-32 of those steps' bytes, which the final checkpoint carries
+    replacing: bool  # an --overwrite run that has written nothing yet: the old run's files are still there
+
+    @property
+    def steps_per_second(self) -> float:
+        """Training throughput, compile excluded; NaN when nothing was trained."""
+        return self.steps / self.result.train_seconds if self.result.train_seconds > 0 else float("nan")
 
 
-def run(
+def _train_with_checkpoints(
     dataset: Dataset,
     start: Checkpoint,
     options: RunOptions,
-    should_stop: Callable[[], bool] = lambda: False,
-    log: TextIO | None = None,
-    phases: dict[str, float] | None = None,
-) -> int:
-    """Train ``start`` to its configured step count and evaluate; returns an exit code.
+    helper: _HelperThread,
+    should_stop: Callable[[], bool],
+    say: Say,
+) -> _Trained:
+    """Phase 3: train ``start`` to ``start.train_config.steps`` in compiled chunks, saving after every chunk.
 
-    A ``start`` at step 0 begins a new loss history; a later one continues the
-    history saved beside its checkpoint. ``phases`` holds the seconds the caller
-    already spent outside training (imports, data, ...); the run adds its own
-    (compile, calibration and evaluation, sampling, plot, saving), reports them,
-    and writes them into ``metrics.json``.
+    Reads ``losses.f32``: the history ``start`` continues (its first ``start.state.step`` steps, checked
+    against the checkpoint's CRC-32). Writes, from the first chunk on and never before, on the writer's
+    thread: ``checkpoint.npz`` (the chunk's state, without batch-norm statistics) and the chunk's
+    losses appended to ``losses.f32``; an ``--overwrite`` run then removes the old run's other files
+    (see :func:`_writer`). Prints a progress line every ``options.log_every`` steps and a summary.
+
+    Returns:
+      The training result (stopped early on request, or at the first non-finite loss) and what the
+      writer did; everything submitted is on disk.
+
+    Raises:
+      OutputError: a checkpoint cannot be written. Any error of training itself propagates, after
+        the helper thread is abandoned.
     """
-    phases = dict(phases or {})
-    say = (lambda line: print(line, file=log, flush=True)) if log else (lambda line: None)
-    if options.plot:
-        plots.require()
-    if options.samples:
-        sample.check_fits(start.state.params, options.samples, sample.MAX_LENGTH, start.model_config.context_size)
-    t_start = time.perf_counter()
-    # A second thread prepares what runs after training while the device trains (see _warm_up),
-    # then draws the loss curve while the model is evaluated.
-    helper = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    stand_in = jax.tree.map(lambda p: np.zeros(np.shape(p), p.dtype), start.state.params)
-    warmed_up = helper.submit(_warm_up, stand_in, dataset, start.model_config.context_size, options)
-    ckpt_path = options.out / CHECKPOINT
-    tc = start.train_config
     # nothing is written before the first chunk
     history = LossLog(options.out / outputs.LOSS_LOG).read(start.state.step, start.loss_log_crc32)
     writer = _writer(options, start, keep=start.state.step)
-    recent = collections.deque(maxlen=options.log_every)
-    next_log = [start.state.step + options.log_every]
-
-    def on_chunk(progress: train.Progress, state: train.TrainState, chunk_losses: np.ndarray) -> None:
-        if not writer.started:
-            outputs.make_dir(options.out)
-        try:
-            writer.submit(start._replace(state=state, stats=None), chunk_losses)
-        except OSError as err:
-            raise OutputError(f"cannot save the checkpoint {ckpt_path}: {err}") from None
-        recent.extend(chunk_losses)
-        if progress.step >= next_log[0] or progress.step == progress.total:
-            next_log[0] = (progress.step // options.log_every + 1) * options.log_every
-            say(
-                f"step {progress.step:>9,}/{progress.total:,}  loss {float(np.mean(recent)):.4f}  "
-                f"{progress.steps_per_second:>8,.0f} steps/s  ETA {format_seconds(progress.eta_seconds)}"
-            )
-
+    on_chunk = _saving_and_reporting(writer, start, options, say)
     try:
         result = train.train(
-            dataset.train.X, dataset.train.Y, tc, start.state, history, on_chunk=on_chunk, should_stop=should_stop
-        )
+            dataset.train.X, dataset.train.Y, start.train_config, start.state, history,
+            on_chunk=on_chunk, should_stop=should_stop,
+        )  # fmt: skip
     except BaseException:
-        helper.shutdown(wait=False, cancel_futures=True)  # the warm-up is of no use now
+        helper.abandon()  # the warm-up is of no use now
         raise
     finally:
         t_wait = time.perf_counter()
         try:
             writer.close()
         except OSError as err:
-            raise OutputError(f"cannot save the checkpoint {ckpt_path}: {err}") from None
+            raise OutputError(f"cannot save the checkpoint {options.out / CHECKPOINT}: {err}") from None
         wait_seconds = time.perf_counter() - t_wait + writer.waited_seconds  # at the end, and before chunks
-    trained = result.state.step - start.state.step
-    rate = trained / result.train_seconds if result.train_seconds > 0 else float("nan")
-    if trained:
+    trained = _Trained(
+        result, result.state.step - start.state.step, writer.seconds, wait_seconds,
+        writer.steps_logged, writer.crc32, writer.replacing and not writer.started,
+    )  # fmt: skip
+    if trained.steps:
         say(
-            f"trained {trained:,} steps in {result.train_seconds:.1f} s ({rate:,.0f} steps/s; "
-            f"compile {result.compile_seconds:.1f} s; saving {writer.seconds:.1f} s in the background, "
+            f"trained {trained.steps:,} steps in {result.train_seconds:.1f} s ({trained.steps_per_second:,.0f} "
+            f"steps/s; compile {result.compile_seconds:.1f} s; saving {writer.seconds:.1f} s in the background, "
             f"{wait_seconds:.2f} s waited for)"
         )
     else:
-        say(f"nothing left to train: the saved run is at step {result.state.step:,} of {tc.steps:,}")
-    if result.diverged_at is not None or result.stopped:
-        helper.shutdown(wait=False, cancel_futures=True)  # no evaluation follows: the warm-up is of no use
-    if result.diverged_at is not None:
-        return _diverged(result, start, writer, options, say)
-    if result.stopped:
-        say(
-            f"interrupted at step {result.state.step:,}: saved {ckpt_path}; continue with "
-            f"python scripts/train.py --resume --out {shlex.quote(str(options.out))}"
-        )
-        return INTERRUPTED
+        say(f"nothing left to train: the saved run is at step {result.state.step:,} of {start.train_config.steps:,}")
+    return trained
 
-    phases["compile"] = result.compile_seconds
-    phases["waiting for checkpoints"] = wait_seconds
-    # The loss curve is drawn on a thread of its own while the model is evaluated: matplotlib's
-    # Python work overlaps XLA's, which releases the interpreter lock.
-    warmed_up.result()  # long done, unless the run was only a few chunks long
-    plot = None
-    if options.plot:
-        title = f"training loss ({tc.grad_mode})"
-        plot = helper.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
-    params = result.state.params
-    t0 = time.perf_counter()
-    try:
-        stats, split_losses, problem = evaluate_splits(params, dataset, should_stop, say)
-    except evaluate.Stopped:
-        helper.shutdown(wait=False, cancel_futures=True)
-        say(
-            f"interrupted during evaluation, after step {result.state.step:,}: the trained state is saved in "
-            f"{ckpt_path}; evaluate it with python scripts/train.py --resume --out {shlex.quote(str(options.out))}"
-        )
-        return INTERRUPTED
-    phases["calibration and evaluation"] = time.perf_counter() - t0
-    if problem is not None:
-        return _diverged_in_evaluation(problem, result, start, options, plot, helper, say)
-    t0 = time.perf_counter()
-    final = start._replace(state=jax.device_get(result.state), stats=stats, loss_log_crc32=writer.crc32)
-    checkpoint.save(ckpt_path, final)
-    phases["saving"] = time.perf_counter() - t0
-    say(
-        "loss (batch norm calibrated on the train split): "
-        + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in split_losses.items())
+
+def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool | None = None) -> checkpoint.Writer:
+    """The background writer of a run's checkpoint and loss log, continuing the log's first ``keep`` steps.
+
+    A new run into an ``--out`` that holds results (``--overwrite``: the up-front check refused it
+    otherwise) *replaces* them: their files go only once the new run's first checkpoint is on disk
+    (see :class:`checkpoint.Writer`). A resumed run removes nothing: what else ``--out`` holds (a
+    sweep's state and results, say) is not the run's to replace.
+    """
+    if replacing is None:
+        replacing = start.state.step == 0 and any((options.out / name).exists() for name in outputs.ALL_FILES)
+    after_first = (
+        (lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, outputs.LOSS_LOG))) if replacing else None
+    )
+    return checkpoint.Writer(
+        options.out / CHECKPOINT, LossLog(options.out / outputs.LOSS_LOG), keep, replacing, after_first
     )
 
+
+def _saving_and_reporting(
+    writer: checkpoint.Writer, start: Checkpoint, options: RunOptions, say: Say
+) -> Callable[[train.Progress, train.TrainState, np.ndarray], None]:
+    """The training loop's ``on_chunk(progress, state, chunk_losses)``: hand the chunk's state and losses to
+    ``writer`` (creating ``options.out`` before the first), then print a progress line once
+    ``options.log_every`` more steps are done, and at the last step, with the mean loss of the last
+    ``log_every`` steps."""
+    recent = collections.deque(maxlen=options.log_every)  # the losses the next progress line averages
+    next_log = start.state.step + options.log_every
+
+    def on_chunk(progress: train.Progress, state: train.TrainState, chunk_losses: np.ndarray) -> None:
+        nonlocal next_log
+        if not writer.started:
+            outputs.make_dir(options.out)
+        try:
+            writer.submit(start._replace(state=state, stats=None), chunk_losses)
+        except OSError as err:
+            raise OutputError(f"cannot save the checkpoint {options.out / CHECKPOINT}: {err}") from None
+        recent.extend(chunk_losses)
+        if progress.step >= next_log or progress.step == progress.total:
+            next_log = (progress.step // options.log_every + 1) * options.log_every
+            say(
+                f"step {progress.step:>9,}/{progress.total:,}  loss {float(np.mean(recent)):.4f}  "
+                f"{progress.steps_per_second:>8,.0f} steps/s  ETA {format_seconds(progress.eta_seconds)}"
+            )
+
+    return on_chunk
+
+
+def _diverged(trained: _Trained, start: Checkpoint, options: RunOptions, say: Say) -> int:
+    """Phase 4, training diverged: save the last state whose loss is finite and say what to do.
+
+    Writes ``checkpoint.npz`` (that state, without statistics) and ``losses.f32`` (cut to its steps), as
+    the writer saves any chunk (a writer of its own, the training one being closed): the log cut to
+    the steps it keeps, then this call's steps appended, the checkpoint stamped with their CRC-32, and an
+    ``--overwrite`` run's old files removed only once the new checkpoint is on disk.
+
+    Returns:
+      :data:`DIVERGED`.
+    """
+    ckpt_path, out = outputs.make_dir(options.out) / CHECKPOINT, shlex.quote(str(options.out))
+    result = trained.result
+    good = result.state
+    keep = min(trained.log_steps, good.step)  # the log holds at least the saved steps; cut to the good state
+    final = _writer(options, start, keep, replacing=trained.replacing)
+    final.submit(start._replace(state=jax.device_get(good), stats=None), result.losses[keep : good.step])
+    final.close()
+    lr = start.train_config.learning_rate
+    if good.step == result.diverged_at:
+        say(
+            f"error: the loss is already non-finite at step {result.diverged_at:,}, the first step of this call: "
+            f"the saved state itself gives it, so no learning rate can continue from it. Start again with a "
+            f"lower learning rate:\n  python scripts/train.py --overwrite --out {out} --lr {lr / 10:g}"
+        )
+    else:
+        say(
+            f"error: the loss became non-finite at step {result.diverged_at:,}. The last state with a finite loss "
+            f"(step {good.step:,}) is saved in {ckpt_path}. Continue from it with a lower learning rate:\n"
+            f"  python scripts/train.py --resume --out {out} --lr {lr / 10:g}"
+        )
+    return DIVERGED
+
+
+def _interrupted(result: train.TrainResult, options: RunOptions, say: Say) -> int:
+    """Phase 4, training stopped on request: the last chunk's state is in ``checkpoint.npz`` already; say
+    how to continue. Writes nothing. Returns :data:`INTERRUPTED`."""
+    say(
+        f"interrupted at step {result.state.step:,}: saved {options.out / CHECKPOINT}; continue with "
+        f"python scripts/train.py --resume --out {shlex.quote(str(options.out))}"
+    )
+    return INTERRUPTED
+
+
+def _draw_loss_curve(
+    helper: _HelperThread, result: train.TrainResult, start: Checkpoint, options: RunOptions
+) -> concurrent.futures.Future | None:
+    """Phase 5: once the warm-up is done, draw the loss curve into ``loss.png`` on the helper thread.
+
+    matplotlib's Python work overlaps XLA's evaluation, which releases the interpreter lock.
+
+    Returns:
+      The drawing's future (its result is the path written), or None without ``options.plot``.
+
+    Raises:
+      Whatever the warm-up raised.
+    """
+    helper.warmed_up.result()  # long done, unless the run was only a few chunks long
+    if not options.plot:
+        return None
+    title = f"training loss ({start.train_config.grad_mode})"
+    return helper.executor.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
+
+
+class _Evaluation(NamedTuple):
+    """What :func:`_calibrate_and_evaluate` found (see :func:`evaluate_splits`)."""
+
+    stats: model.ModelStats  # batch norm's statistics over the training split
+    losses: dict[str, float | None]  # the mean loss of each split, by name
+    problem: str | None  # why the evaluation is no result: the model diverged; None for a result
+    seconds: float  # calibration and evaluation together
+
+
+def _calibrate_and_evaluate(
+    params: model.Params, dataset: Dataset, should_stop: Callable[[], bool], say: Say
+) -> _Evaluation:
+    """Phase 5: calibrate batch norm on the training split and evaluate every split (:func:`evaluate_splits`).
+
+    Reads and writes nothing on disk; prints the progress of long phases.
+
+    Raises:
+      jaxbirds.evaluate.Stopped: ``should_stop`` returned True between two batches.
+    """
+    t0 = time.perf_counter()
+    stats, split_losses, problem = evaluate_splits(params, dataset, should_stop, say)
+    return _Evaluation(stats, split_losses, problem, time.perf_counter() - t0)
+
+
+def _interrupted_in_evaluation(result: train.TrainResult, options: RunOptions, say: Say) -> int:
+    """Phase 5, stopped on request: the trained state is in ``checkpoint.npz`` already (without statistics);
+    say how to evaluate it. Writes nothing. Returns :data:`INTERRUPTED`."""
+    say(
+        f"interrupted during evaluation, after step {result.state.step:,}: the trained state is saved in "
+        f"{options.out / CHECKPOINT}; evaluate it with python scripts/train.py --resume --out "
+        f"{shlex.quote(str(options.out))}"
+    )
+    return INTERRUPTED
+
+
+def _diverged_in_evaluation(
+    problem: str,
+    result: train.TrainResult,
+    start: Checkpoint,
+    options: RunOptions,
+    plot: concurrent.futures.Future | None,
+    helper: _HelperThread,
+    say: Say,
+) -> int:
+    """Phase 5, training kept finite losses, but the trained model's evaluation overflows: the run has diverged.
+
+    The checkpoint the writer saved after the last chunk stays (without statistics), so nothing is lost,
+    but no metrics are written and no names are sampled: there is no result to report. The loss curve,
+    which shows how the loss grew, is still drawn (``loss.png``).
+
+    Returns:
+      :data:`DIVERGED`.
+    """
+    if plot is not None:
+        say(f"wrote {plot.result()}")
+    helper.finish()
+    last = result.losses[-1] if len(result.losses) else float("nan")
+    lr, out = start.train_config.learning_rate, shlex.quote(str(options.out))
+    say(
+        f"error: the model diverged: training kept finite losses (the last one {last:.3g}), but {problem}, so "
+        f"it has no loss to report. Its state at step {result.state.step:,} is kept in {options.out / CHECKPOINT}, "
+        f"but cannot be continued usefully. Start again with a lower learning rate:\n"
+        f"  python scripts/train.py --overwrite --out {out} --lr {lr / 10:g}"
+    )
+    return DIVERGED
+
+
+def _save_result(trained: _Trained, evaluation: _Evaluation, start: Checkpoint, options: RunOptions, say: Say) -> float:
+    """Phase 6: the evaluation is a result: save the trained state with its batch-norm statistics, which
+    make it a model to sample from, and print the loss of every split.
+
+    Writes ``checkpoint.npz``, stamped with the CRC-32 of ``losses.f32``'s steps.
+
+    Returns:
+      The seconds the saving took.
+    """
+    t0 = time.perf_counter()
+    final = start._replace(
+        state=jax.device_get(trained.result.state), stats=evaluation.stats, loss_log_crc32=trained.log_crc32
+    )
+    checkpoint.save(options.out / CHECKPOINT, final)
+    seconds = time.perf_counter() - t0
+    say(
+        "loss (batch norm calibrated on the train split): "
+        + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in evaluation.losses.items())
+    )
+    return seconds
+
+
+class _Samples(NamedTuple):
+    """What :func:`_sample_names` drew."""
+
+    names: list[str]  # without their end token; [] when no names were asked for
+    memorised_share: float | None  # the share of them that are names of the training split; None without names
+    seconds: float
+
+
+def _sample_names(
+    params: model.Params, stats: model.ModelStats, dataset: Dataset, start: Checkpoint, options: RunOptions, say: Say
+) -> _Samples:
+    """Phase 7: sample ``options.samples`` names from the calibrated model (the run's own sampling key) and
+    print them. Reads and writes nothing on disk.
+
+    Returns:
+      The names, how many of them the training split holds, and the seconds it took.
+    """
     names, memorised = [], None
     t0 = time.perf_counter()
     if options.samples:
         samples = sample.sample_names(
-            train.keys_for(tc.seed).sample, params, stats, dataset.vocab,
+            train.keys_for(start.train_config.seed).sample, params, stats, dataset.vocab,
             start.model_config.context_size, count=options.samples,
         )  # fmt: skip
         names, memorised = samples.names, samples.memorised_share(dataset.train.names)
         say(f"samples ({memorised:.0%} are names from the training split):")
         for name, finished in zip(samples.names, samples.finished, strict=True):
             say(f"  {sample.shown(name, finished)}")
-    phases["sampling"] = time.perf_counter() - t0
+    return _Samples(names, memorised, time.perf_counter() - t0)
 
-    metrics = {
+
+def _wait_for_plot(plot: concurrent.futures.Future, say: Say) -> float:
+    """Phase 8: wait until the helper thread has written ``loss.png``, and say so.
+
+    Returns:
+      The seconds waited: only what was left of the drawing once the rest was done.
+
+    Raises:
+      Whatever drawing raised.
+    """
+    t0 = time.perf_counter()
+    path = plot.result()  # raises here if drawing failed
+    seconds = time.perf_counter() - t0
+    say(f"wrote {path}")
+    return seconds
+
+
+def _metrics(
+    dataset: Dataset,
+    start: Checkpoint,
+    trained: _Trained,
+    evaluation: _Evaluation,
+    samples: _Samples,
+    phases: dict[str, float],
+    total_seconds: float,
+) -> dict:
+    """Phase 8: the contents of ``metrics.json`` (values that are not finite numbers are still there).
+
+    Args:
+      phases: the seconds of every phase outside training, by name.
+      total_seconds: the seconds of the whole run, from the end of the checks of :func:`run`.
+
+    Returns:
+      Configs, parameter count, split sizes, data, step, split losses, timings and samples.
+    """
+    result = trained.result
+    return {
         "model_config": dataclasses.asdict(start.model_config),
-        "train_config": dataclasses.asdict(tc),
-        "parameters": model.param_count(params),
+        "train_config": dataclasses.asdict(start.train_config),
+        "parameters": model.param_count(result.state.params),
         "dataset": {name: len(s) for name, s in dataset.splits.items()},
         "data": {"path": dataset.source, "sha256": dataset.sha256},
         "step": result.state.step,
-        "loss": split_losses,
+        "loss": evaluation.losses,
         "timing": {
             "compile_seconds": result.compile_seconds,
             "train_seconds": result.train_seconds,
-            "steps_per_second": rate,
-            "checkpoint_write_seconds": writer.seconds,
-            "checkpoint_wait_seconds": wait_seconds,
+            "steps_per_second": trained.steps_per_second,
+            "checkpoint_write_seconds": trained.write_seconds,
+            "checkpoint_wait_seconds": trained.wait_seconds,
             "device": str(jax.devices()[0].device_kind),
             "jax_version": jax.__version__,
+            "outside_training": phases,
+            "total_seconds": total_seconds,
         },
-        "samples": names,
-        "memorised_share": memorised,
+        "samples": samples.names,
+        "memorised_share": samples.memorised_share,
     }
-    if plot is not None:
-        t0 = time.perf_counter()
-        path = plot.result()  # raises here if drawing failed
-        phases["plot"] = time.perf_counter() - t0  # only what is left of it once the rest is done
-        say(f"wrote {path}")
-    helper.shutdown()
-    # the metrics record every phase but the writing of metrics.json itself (a few milliseconds)
-    metrics["timing"]["outside_training"] = phases
-    metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
+
+
+def _write_metrics(metrics: dict, out: Path) -> None:
+    """Phase 8: write ``metrics`` into ``out / metrics.json`` as strict JSON (not finite: null), atomically
+    (a temporary file renamed over it)."""
     text = json.dumps(finite_or_none(metrics), indent=1, allow_nan=False)
-    tmp = options.out / f".{METRICS}.{uuid.uuid4().hex}.tmp"
+    tmp = out / f".{METRICS}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
-    os.replace(tmp, options.out / METRICS)
-    say(f"wrote {ckpt_path} and {options.out / METRICS} in {format_seconds(metrics['timing']['total_seconds'])}")
+    os.replace(tmp, out / METRICS)
+
+
+def _say_done(metrics: dict, result: train.TrainResult, phases: dict[str, float], out: Path, say: Say) -> None:
+    """Phase 8: say what the run wrote, and where its time outside training went."""
+    say(f"wrote {out / CHECKPOINT} and {out / METRICS} in {format_seconds(metrics['timing']['total_seconds'])}")
     say(
         f"outside training: {sum(phases.values()):.1f} s ("
         + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
         + f"); training {result.train_seconds:.1f} s"
     )
-    return OK
