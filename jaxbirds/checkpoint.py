@@ -1,12 +1,18 @@
 """Checkpoints: one ``.npz`` file with the state, and an append-only loss history beside it.
 
-``checkpoint.npz`` holds the parameters, the optimiser state (its leaves, in
-tree order), the calibrated batch-norm statistics when there are any, and a
-header with the step, the vocabulary, both configurations and the data's
-fingerprint. No pickle: the file is plain arrays, loaded with
-``allow_pickle=False``. Its size does not grow with the run. :func:`load` checks
-every byte (the zip's CRC-32s) and every part against the header's
-configurations: any file that is not a checkpoint is one :class:`CheckpointError`.
+``checkpoint.npz`` holds the parameters (``params/<name>`` for every name of
+:func:`jaxbirds.model.param_names`), the optimiser state (``opt/<i>``, its leaves
+in tree order), the calibrated batch-norm statistics when there are any
+(``stats/mean<l>`` and ``stats/var<l>`` for each block ``l``, from 1), and a
+header with the step, the vocabulary, both configurations (the model's
+``hidden`` as a list of widths) and the data's fingerprint. No pickle: the
+file is plain arrays, loaded with ``allow_pickle=False``. Its size does not grow
+with the run. :func:`load` checks every byte (the zip's CRC-32s) and every part
+against the header's configurations: any file that is not a checkpoint is one
+:class:`CheckpointError`.
+Files of versions 2 and 3, from before models had more than one block, still
+load: their one block's names (``bngain``, ``stats/mean``, ...) are read as
+block 1's (:data:`ONE_BLOCK_NAMES`).
 
 The per-step losses go to :class:`LossLog` (``losses.f32``, raw little-endian
 float32), appended chunk by chunk, so saving after a chunk costs the same at
@@ -42,13 +48,16 @@ import numpy as np
 from jaxbirds import outputs
 from jaxbirds.data import Vocabulary
 from jaxbirds.errors import JaxbirdsError
-from jaxbirds.model import PARAM_NAMES, BatchNormStats, ModelConfig, param_shapes
+from jaxbirds.model import BatchNormStats, ModelConfig, ModelStats, param_names, param_shapes
 from jaxbirds.sweep import injected_optimizer
 from jaxbirds.train import TrainConfig, TrainState
 
 FORMAT = "jaxbirds-checkpoint"
-VERSION = 3  # 3 added "sweep" and "loss_log_crc32"; version 2 files (without them) still load
+#: 4: any depth (blocks numbered: params/bngain1 ..., stats/mean1 ...; model_config.hidden a list of widths).
+#: 3 added "sweep" and "loss_log_crc32". Versions 2 and 3 (one block, an integer hidden) still load.
+VERSION = 4
 OLDEST_READ = 2
+FIRST_NUMBERED = 4  # the first version whose blocks are numbered
 LOSS_LOG = outputs.LOSS_LOG
 ZIP_SIGNATURE = b"PK\x03\x04"  # how every zip archive, and so every .npz file, begins
 PARAM_DTYPE = np.dtype(np.float32)  # of parameters and statistics: every run trains in float32
@@ -57,6 +66,22 @@ HEADER_FIELDS = {
     3: {"format", "version", "step", "vocab", "model_config", "train_config", "has_stats", "data", "sweep",
         "loss_log_crc32"},
 }  # fmt: skip
+HEADER_FIELDS[4] = HEADER_FIELDS[3]
+#: The members of versions 2 and 3 (one block, whose names had no number) by their name since version 4.
+#: The optimiser's leaves keep their order: the new names sort as the old ones did.
+ONE_BLOCK_NAMES = {
+    "params/bngain1": "params/bngain", "params/bnbias1": "params/bnbias",
+    "stats/mean1": "stats/mean", "stats/var1": "stats/var",
+}  # fmt: skip
+
+#: Config fields newer than some files, by the version that first holds them: a file of an older version
+#: lacks them, and they take their default (what the run it saved trained with).
+FIELDS_SINCE = {"train_config": {"diagnostics_every": 4}}
+
+
+def stats_names(layer: int) -> tuple[str, str]:
+    """The members that hold block ``layer``'s calibrated mean and variance: ``stats/mean<l>``, ``stats/var<l>``."""
+    return f"stats/mean{layer}", f"stats/var{layer}"
 
 
 class CheckpointError(JaxbirdsError, ValueError):
@@ -76,7 +101,7 @@ class Checkpoint(NamedTuple):
     optimiser state stacked on a leading models axis, and its ``train_config`` holds what they share."""
 
     state: TrainState
-    stats: BatchNormStats | None
+    stats: ModelStats | None  # one BatchNormStats per block, first to last
     vocab: Vocabulary
     model_config: ModelConfig
     train_config: TrainConfig
@@ -127,8 +152,12 @@ def _fsync_dir(directory: Path) -> None:
 def save(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
+    config, state, stats = checkpoint.model_config, checkpoint.state, checkpoint.stats
+    if stats is not None and not (
+        isinstance(stats, tuple) and len(stats) == config.depth and all(isinstance(s, BatchNormStats) for s in stats)
+    ):  # a file load would refuse: a bug, found here rather than when the run is resumed
+        raise TypeError(f"stats must be one BatchNormStats per block ({config.depth}), got {type(stats).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = checkpoint.state
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -136,17 +165,17 @@ def save(path: str | Path, checkpoint: Checkpoint) -> Path:
         "vocab": "".join(checkpoint.vocab.chars),
         "model_config": dataclasses.asdict(checkpoint.model_config),
         "train_config": dataclasses.asdict(checkpoint.train_config),
-        "has_stats": checkpoint.stats is not None,
+        "has_stats": stats is not None,
         "data": checkpoint.data._asdict() if checkpoint.data else None,
         "sweep": {k: list(v) for k, v in checkpoint.sweep._asdict().items()} if checkpoint.sweep else None,
         "loss_log_crc32": checkpoint.loss_log_crc32,
     }
-    arrays = {f"params/{name}": np.asarray(state.params[name]) for name in PARAM_NAMES}
+    arrays = {f"params/{name}": np.asarray(state.params[name]) for name in param_names(config)}
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state.opt_state)):
         arrays[f"opt/{i:03d}"] = np.asarray(leaf)
-    if checkpoint.stats is not None:
-        arrays["stats/mean"] = np.asarray(checkpoint.stats.mean)
-        arrays["stats/var"] = np.asarray(checkpoint.stats.var)
+    for layer, block_stats in enumerate(stats or (), start=1):
+        mean, var = stats_names(layer)
+        arrays[mean], arrays[var] = np.asarray(block_stats.mean), np.asarray(block_stats.var)
     arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -218,8 +247,10 @@ def _decode(members: dict[str, bytes]) -> Checkpoint:
         names = ", ".join(sorted(members)) or "nothing"
         raise CheckpointError(f"not a readable checkpoint: an .npz file without a jaxbirds header (it holds {names})")
     header = _header(_array(members, "header", None, np.dtype(np.uint8)).tobytes())
-    model_config = _config(ModelConfig, header["model_config"], "model_config")
-    train_config = _config(TrainConfig, header["train_config"], "train_config")
+    numbered = header["version"] >= FIRST_NUMBERED
+    model_fields = header["model_config"] if numbered else _one_block_model_config(header["model_config"])
+    model_config = _config(ModelConfig, model_fields, "model_config", header["version"])
+    train_config = _config(TrainConfig, header["train_config"], "train_config", header["version"])
     try:
         vocab = Vocabulary(tuple(header["vocab"]))
     except ValueError as err:
@@ -234,21 +265,25 @@ def _decode(members: dict[str, bytes]) -> Checkpoint:
     stack = () if sweep is None else (len(sweep.seeds),)
     shapes = {name: (*stack, *shape) for name, shape in param_shapes(model_config).items()}
     opt_leaves, opt_tree = jax.tree_util.tree_flatten(_optimizer_template(train_config, shapes, sweep))
-    stats_shape = (1, model_config.hidden)
     expected = {f"params/{name}": (shape, PARAM_DTYPE) for name, shape in shapes.items()}
     expected |= {f"opt/{i:03d}": (leaf.shape, leaf.dtype) for i, leaf in enumerate(opt_leaves)}
+    layers = range(1, model_config.depth + 1)
     if header["has_stats"]:
-        expected |= {"stats/mean": (stats_shape, PARAM_DTYPE), "stats/var": (stats_shape, PARAM_DTYPE)}
-    _check_names("members", set(members) - {"header.npy"}, {f"{name}.npy" for name in expected})
-    arrays = {name: _array(members, name, shape, dtype) for name, (shape, dtype) in expected.items()}
+        for layer, width in zip(layers, model_config.hidden, strict=True):
+            expected |= {name: ((1, width), PARAM_DTYPE) for name in stats_names(layer)}
+    stored = {name: name if numbered else ONE_BLOCK_NAMES.get(name, name) for name in expected}  # the file's names
+    _check_names("members", set(members) - {"header.npy"}, {f"{stored[name]}.npy" for name in expected})
+    arrays = {name: _array(members, stored[name], shape, dtype) for name, (shape, dtype) in expected.items()}
     training = slice(None) if sweep is None else [k for k, at in enumerate(sweep.diverged_at) if at is None]
     for name, array in arrays.items():  # a diverged model of a sweep is frozen as it was: it may hold anything
         if not name.startswith("opt/") and not np.isfinite(array[training] if stack else array).all():
-            raise CheckpointError(f"{name} holds NaN or infinite values (a run saves only finite states)")
+            raise CheckpointError(f"{stored[name]} holds NaN or infinite values (a run saves only finite states)")
     arrays = jax.device_put(arrays)  # one transfer; jnp.asarray would compile a program per shape (~20 ms each)
-    params = {name: arrays[f"params/{name}"] for name in PARAM_NAMES}
+    params = {name: arrays[f"params/{name}"] for name in shapes}
     opt_state = jax.tree_util.tree_unflatten(opt_tree, [arrays[f"opt/{i:03d}"] for i in range(len(opt_leaves))])
-    stats = BatchNormStats(arrays["stats/mean"], arrays["stats/var"]) if header["has_stats"] else None
+    stats = None
+    if header["has_stats"]:
+        stats = tuple(BatchNormStats(*(arrays[name] for name in stats_names(layer))) for layer in layers)
     data = DataSource(**header["data"]) if header["data"] is not None else None
     state = TrainState(params, opt_state, header["step"])
     return Checkpoint(state, stats, vocab, model_config, train_config, data, sweep, header["loss_log_crc32"])
@@ -322,6 +357,17 @@ def _header(raw: bytes) -> dict:
     return header
 
 
+def _one_block_model_config(fields: object) -> object:
+    """A version 2 or 3 header's ``model_config`` (one block: ``hidden`` an integer) as since version 4."""
+    if not (isinstance(fields, dict) and "hidden" in fields):
+        return fields  # _config says what is wrong
+    if not _is_int(fields["hidden"]):
+        raise CheckpointError(
+            f"its model_config.hidden is {fields['hidden']!r}; before version {FIRST_NUMBERED} it must be of type int"
+        )
+    return {**fields, "hidden": [fields["hidden"]]}
+
+
 def _is_data_source(data: object) -> bool:
     return data is None or (
         isinstance(data, dict)
@@ -330,15 +376,23 @@ def _is_data_source(data: object) -> bool:
     )
 
 
-def _config(cls: type, fields: object, what: str):
-    """``cls(**fields)`` for a config dataclass, given exactly its fields, each of the type of its default."""
+def _config(cls: type, fields: object, what: str, version: int):
+    """``cls(**fields)`` for a config dataclass, given exactly its fields, each of the type of its default
+    (a tuple's field, such as ``hidden``: a JSON list of integers); a field newer than the file's ``version``
+    (:data:`FIELDS_SINCE`) may be missing, and is then its default."""
     if not isinstance(fields, dict):
         raise CheckpointError(f"its header's {what} is not a JSON object")
     defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+    since = FIELDS_SINCE.get(what, {})
+    newer = {name: default for name, default in defaults.items() if version < since.get(name, OLDEST_READ)}
+    fields = {**newer, **fields}
     _check_names(f"{what} fields", set(fields), set(defaults))
     for name, value in fields.items():
         kind = type(defaults[name])
-        if not (_is_int(value) if kind is int else isinstance(value, kind) or (kind is float and _is_int(value))):
+        if kind is tuple:
+            if not (isinstance(value, list) and all(_is_int(v) for v in value)):
+                raise CheckpointError(f"its {what}.{name} is {value!r}; it must be a list of integers")
+        elif not (_is_int(value) if kind is int else isinstance(value, kind) or (kind is float and _is_int(value))):
             raise CheckpointError(f"its {what}.{name} is {value!r}; it must be of type {kind.__name__}")
     try:
         return cls(**fields)

@@ -143,7 +143,7 @@ def injected_optimizer(train_config: TrainConfig) -> optax.GradientTransformatio
 def check_fits(model_config: ModelConfig, train_config: TrainConfig, models: int, budget: int | None = None) -> None:
     """Refuse, before anything is allocated, a sweep whose models or loss histories cannot fit the
     memory budget: every model's state (:func:`jaxbirds.train.check_fits`) and every model's loss
-    at every step, kept on the host (float32)."""
+    at every step, kept on the host (float32). Every block counts (:func:`jaxbirds.model.param_count_for`)."""
     train.check_fits(model_config, train_config, budget=budget, models=models)
     memory.require(
         4 * models * train_config.steps, f"the loss history of {models:,} models × {train_config.steps:,} steps",
@@ -374,7 +374,7 @@ def member(tree, k: int):
 
 
 class Evaluation(NamedTuple):
-    stats: model.BatchNormStats
+    stats: model.ModelStats  # one BatchNormStats per block
     loss: dict[str, float | None]
 
 
@@ -428,8 +428,9 @@ def _prefixed(report: Callable[[str], evaluate.Progress], prefix: str) -> Callab
     return lambda label: report(prefix + label)
 
 
-def _evaluate(params, splits, report, should_stop, models: bool) -> tuple[model.BatchNormStats, dict]:
-    """Calibrated statistics and every split's loss (lists of K of them for stacked ``models``)."""
+def _evaluate(params, splits, report, should_stop, models: bool) -> tuple[model.ModelStats, dict]:
+    """Calibrated statistics (one per block; stacked, (K, 1, H_l), for ``models``) and every split's loss
+    (lists of K of them for stacked ``models``)."""
     stats = evaluate.calibrate(
         params, splits["train"].X, models=models, progress=report("calibrating batch norm"), should_stop=should_stop
     )

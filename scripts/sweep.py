@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train a grid of models (learning rates × seeds) as one compiled program, on every device.
 
-Every model shares the shapes, batch size, step count, optimiser, gradient mode
-and schedule (the flags below, as in scripts/train.py) and has its own learning
+Every model shares the shapes (one --hidden, at any depth: a grid of depths is
+one sweep per depth), batch size, step count, optimiser, gradient mode and
+schedule (the flags below, as in scripts/train.py) and has its own learning
 rate and seed. With sgd, model k trains bit for bit as `scripts/train.py --lr LR
 --seed SEED --grad custom_vjp` would (with adam, to within rounding). Defaults:
 learning rates 0.05, 0.1, 0.2, 0.4 (--lr-range 0.05 0.4 4), 4 seeds, the
@@ -225,9 +226,9 @@ def _sweep(args, held: contextlib.ExitStack) -> int:
         f"sweep: {len(members)} models (learning rates {', '.join(f'{r:g}' for r in rates)} × "
         f"{len(members) // len(rates)} seeds) on {devices} device(s) ({jax.devices()[0].device_kind}"
         f"{f', {len(per_process)} processes' if len(per_process) > 1 else ''}); "
-        f"{model.param_count_for(model_config):,} parameters each; {train_config.optimizer}, lr drops "
-        f"{1 / train_config.decay_factor:g}x at step {train_config.decay_step:,}; batch {train_config.batch_size}; "
-        f"gradients: {train_config.grad_mode}; {train_config.steps:,} steps"
+        f"{cli.describe_hidden(model_config.hidden)}, {model.param_count_for(model_config):,} parameters each; "
+        f"{train_config.optimizer}, lr drops {1 / train_config.decay_factor:g}x at step {train_config.decay_step:,}; "
+        f"batch {train_config.batch_size}; gradients: {train_config.grad_mode}; {train_config.steps:,} steps"
     )
     options = sweep_runner.SweepOptions(out=args.out, devices=devices, plot=not args.no_plot, log_every=args.log_every)
     with cli.stop_requested() as stop:

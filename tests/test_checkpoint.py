@@ -136,11 +136,16 @@ def test_a_writer_error_surfaces_in_the_callers_thread(tmp_path, ckpt):
         writer.close()
 
 
-def small_checkpoint(optimizer: str, with_stats: bool) -> Checkpoint:
-    """An untrained model of the tutorial's vocabulary size, small enough to corrupt byte by byte."""
-    mc = model.ModelConfig(vocab_size=29, hidden=8, embedding_dim=3)
+def small_checkpoint(optimizer: str, with_stats: bool, hidden: tuple[int, ...] = (8,)) -> Checkpoint:
+    """An untrained model of the tutorial's vocabulary size, small enough to corrupt byte by byte. Each
+    block's statistics are its own values (block l's mean runs from -l to l), so that no two are alike."""
+    mc = model.ModelConfig(vocab_size=29, hidden=hidden, embedding_dim=3)
     tc = train.TrainConfig(optimizer=optimizer)
-    stats = model.BatchNormStats(jnp.linspace(-1, 1, 8)[None], jnp.linspace(0.5, 2, 8)[None]) if with_stats else None
+    stats = tuple(
+        model.BatchNormStats(jnp.linspace(-layer, layer, width)[None], jnp.linspace(0.5, layer + 1, width)[None])
+        for layer, width in enumerate(hidden, start=1)
+    )
+    stats = stats if with_stats else None
     vocab = Vocabulary.from_names(["abcdefghijklmnopqrstuvwxyz -"])
     assert vocab.size == 29
     return Checkpoint(train.init_state(mc, tc), stats, vocab, mc, tc, DataSource("birds.csv", "0" * 64))
@@ -196,6 +201,10 @@ def without(name):
     return lambda arrays, header: arrays.pop(name)
 
 
+def renamed(name, new_name):
+    return lambda arrays, header: arrays.update({new_name: arrays.pop(name)})
+
+
 def header_field(name, value):
     return lambda arrays, header: header.update({name: value})
 
@@ -233,9 +242,15 @@ REFUSED_EDITS = [
     (header_field("model_config", [29, 3, 3, 8]), "model_config is not a JSON object"),
     (lambda arrays, header: header["model_config"].pop("hidden"), "model_config fields .*: missing hidden"),
     (config_field("model_config", "depth", 2), "model_config fields .*: unexpected depth"),
-    (config_field("model_config", "hidden", 8.0), "model_config.hidden is 8.0; it must be of type int"),
-    (config_field("model_config", "hidden", True), "model_config.hidden is True; it must be of type int"),
-    (config_field("model_config", "hidden", 0), "model_config is not valid: ModelConfig.hidden must be"),
+    (config_field("model_config", "hidden", 8), "model_config.hidden is 8; it must be a list of integers"),
+    (config_field("model_config", "hidden", [8.0]), r"model_config.hidden is \[8.0\]; it must be a list of integers"),
+    (config_field("model_config", "hidden", [True]), r"model_config.hidden is \[True\]; it must be a list"),
+    (config_field("model_config", "hidden", "8"), "model_config.hidden is '8'; it must be a list of integers"),
+    (config_field("model_config", "hidden", [0]), "model_config is not valid: ModelConfig.hidden must be"),
+    (config_field("model_config", "hidden", []), "model_config is not valid: ModelConfig.hidden must be"),
+    (config_field("model_config", "hidden", [8, 8]),
+     "members are not a checkpoint's: missing opt/016.npy, .*, opt/023.npy, params/W3.npy, params/b3.npy, "
+     "params/bnbias2.npy, params/bngain2.npy, stats/mean2.npy, stats/var2.npy$"),
     (config_field("train_config", "optimizer", "rmsprop"), "train_config is not valid: optimizer must be"),
     (config_field("train_config", "learning_rate", "0.1"), "learning_rate is '0.1'; it must be of type float"),
     (config_field("train_config", "learning_rate", 10**400), "train_config is not valid"),
@@ -245,8 +260,11 @@ REFUSED_EDITS = [
     (array("params/W3", np.zeros(3, np.float32)), "members are not a checkpoint's: unexpected params/W3.npy"),
     (array("opt/016", np.zeros(3, np.float32)), "unexpected opt/016.npy"),
     (without("opt/015"), "missing opt/015.npy"),
-    (without("stats/var"), "missing stats/var.npy"),
-    (header_field("has_stats", False), "unexpected stats/mean.npy, stats/var.npy"),
+    (without("stats/var1"), "missing stats/var1.npy"),
+    (header_field("has_stats", False), "unexpected stats/mean1.npy, stats/var1.npy"),
+    (renamed("params/bngain1", "params/bngain"),  # version 3's name, in a version 4 file
+     "members are not a checkpoint's: missing params/bngain1.npy; unexpected params/bngain.npy"),
+    (renamed("stats/mean1", "stats/mean"), "missing stats/mean1.npy; unexpected stats/mean.npy"),
     (each_param(np.float16), "params/C is float16, not float32"),
     (each_param(np.int32), "params/C is int32, not float32"),
     (each_param(np.dtype(">f4")), "params/C is >f4, not float32"),  # big-endian
@@ -257,7 +275,8 @@ REFUSED_EDITS = [
     (array("opt/000", lambda count: count[None]), r"opt/000 has shape \(1,\), the configuration needs \(\)"),
     (array("params/b1", np.array([None] * 8, object)), "params/b1 is not a readable array .*allow_pickle"),
     (array("params/W2", lambda w: np.where(w > 0, np.nan, w)), "params/W2 holds NaN or infinite values"),
-    (array("stats/var", lambda v: np.full_like(v, np.inf)), "stats/var holds NaN or infinite values"),
+    (array("stats/var1", lambda v: np.full_like(v, np.inf)), "stats/var1 holds NaN or infinite values"),
+    (array("stats/mean1", lambda m: m.T), r"stats/mean1 has shape \(8, 1\), the configuration needs \(1, 8\)"),
 ]  # fmt: skip
 
 
@@ -336,17 +355,169 @@ def test_sample_script_reports_an_unreadable_checkpoint_in_one_line(tmp_path, sm
     assert str(path) in done.stderr and "Traceback" not in done.stderr and not done.stdout
 
 
-def test_a_version_2_checkpoint_still_loads(tmp_path, small):
+#: A one-block model's members before version 4 (the blocks were not numbered), by their name since.
+VERSION_3_NAMES = {"params/bngain1": "params/bngain", "params/bnbias1": "params/bnbias",
+                   "stats/mean1": "stats/mean", "stats/var1": "stats/var"}  # fmt: skip
+
+
+#: The config fields of version 3.
+VERSION_3_FIELDS = {
+    "model_config": ("vocab_size", "context_size", "embedding_dim", "hidden"),
+    "train_config": ("steps", "batch_size", "optimizer", "learning_rate", "decay_step", "decay_factor", "seed",
+                     "grad_mode", "chunk_size", "unroll"),
+}  # fmt: skip
+
+
+def as_version_3(arrays, header):
+    """A version 4 file of one block as version 3 wrote it: the block's names without a number, an integer
+    ``hidden``, its config fields. (What the version 3 code wrote, checked against a file it wrote: the same
+    members and header fields.)"""
+    for name, old in VERSION_3_NAMES.items():
+        arrays[old] = arrays.pop(name)
+    header["version"] = 3
+    for config, fields in VERSION_3_FIELDS.items():
+        header[config] = {field: header[config][field] for field in fields}
+    header["model_config"]["hidden"] = header["model_config"]["hidden"][0]
+
+
+def as_version_2(arrays, header):
     """Version 3 added the sweep's members and the loss log's CRC-32; a version 2 file has neither."""
+    as_version_3(arrays, header)
+    del header["sweep"], header["loss_log_crc32"]
+    header["version"] = 2
 
-    def as_version_2(arrays, header):
-        del header["sweep"], header["loss_log_crc32"]
-        header["version"] = 2
 
+@pytest.mark.parametrize("old", [as_version_3, as_version_2], ids=["version 3", "version 2"])
+def test_a_one_block_checkpoint_of_an_older_version_loads_with_the_numbered_names(tmp_path, small, old):
     source, original = small
-    loaded = checkpoint.load(rewritten(source, tmp_path / "c.npz", as_version_2))
-    assert_same_checkpoint(loaded, original)
-    assert loaded.sweep is None and loaded.loss_log_crc32 is None
+    assert VERSION == 4 and set(VERSION_3_NAMES) < set(np.load(source))
+    loaded = checkpoint.load(rewritten(source, tmp_path / "c.npz", old))
+    assert_same_checkpoint(loaded, original)  # bngain as bngain1, stats/mean as block 1's mean, ...
+    assert loaded.model_config.hidden == (8,) and len(loaded.stats) == 1
+    if old is as_version_2:
+        assert loaded.sweep is None and loaded.loss_log_crc32 is None
+
+
+#: The header of a checkpoint written by version 3's code (jaxbirds at commit 0598d3a, checkpoint.save of an
+#: untrained sgd model of hidden 8 with statistics), copied from the file.
+VERSION_3_HEADER = {
+    "format": "jaxbirds-checkpoint", "version": 3, "step": 7, "vocab": ". -abcdefghijklmnopqrstuvwxyz",
+    "model_config": {"vocab_size": 29, "context_size": 3, "embedding_dim": 3, "hidden": 8},
+    "train_config": {"steps": 7, "batch_size": 32, "optimizer": "sgd", "learning_rate": 0.1, "decay_step": 100000,
+                     "decay_factor": 0.1, "seed": 2147483647, "grad_mode": "autodiff", "chunk_size": 10000,
+                     "unroll": 1},
+    "has_stats": True, "data": {"path": "birds.csv", "sha256": "0" * 64}, "sweep": None, "loss_log_crc32": 123,
+}  # fmt: skip
+#: That file's members.
+VERSION_3_MEMBERS = ("header", "opt/000", "params/C", "params/W1", "params/W2", "params/b1", "params/b2",
+                     "params/bnbias", "params/bngain", "stats/mean", "stats/var")  # fmt: skip
+
+
+def test_a_file_as_version_3_wrote_it_loads(tmp_path):
+    """Its members and header as version 3 wrote them, its arrays what that model held (the draw is the same:
+    a one-block model initialises as it did)."""
+    mc, tc = model.ModelConfig(vocab_size=29, hidden=8, embedding_dim=3), train.TrainConfig(steps=7)
+    state = train.init_state(mc, tc)
+    mean, var = np.linspace(-1, 1, 8, dtype=np.float32)[None], np.linspace(0.5, 2, 8, dtype=np.float32)[None]
+    p = {name: np.asarray(value) for name, value in state.params.items()}
+    arrays = {
+        "header": np.frombuffer(json.dumps(VERSION_3_HEADER).encode(), np.uint8), "opt/000": np.int32(0),
+        **{f"params/{name}": p[name] for name in ("C", "W1", "W2", "b1", "b2")},
+        "params/bnbias": p["bnbias1"], "params/bngain": p["bngain1"], "stats/mean": mean, "stats/var": var,
+    }  # fmt: skip
+    assert tuple(arrays) == VERSION_3_MEMBERS
+    np.savez(tmp_path / "v3.npz", **arrays)
+    back = checkpoint.load(tmp_path / "v3.npz")
+    chex.assert_trees_all_equal(back.state._replace(step=0), state, strict=True)
+    (stats,) = back.stats
+    np.testing.assert_array_equal(stats.mean, mean)
+    np.testing.assert_array_equal(stats.var, var)
+    assert (back.state.step, back.model_config, back.train_config, back.loss_log_crc32) == (7, mc, tc, 123)
+
+
+@pytest.mark.parametrize("config, field", [(c, f) for c, fields in checkpoint.FIELDS_SINCE.items() for f in fields])
+def test_a_field_newer_than_a_file_may_be_missing_only_from_an_older_version_s(tmp_path, small, config, field):
+    source, original = small
+    assert field not in VERSION_3_FIELDS[config]
+    old = checkpoint.load(rewritten(source, tmp_path / "v3.npz", as_version_3))
+    assert getattr(old, config) == getattr(original, config)  # the default, as the test's config has it
+    with pytest.raises(CheckpointError, match=f"{config} fields are not a checkpoint's: missing {field}$"):
+        checkpoint.load(rewritten(source, tmp_path / "c.npz", lambda arrays, header: header[config].pop(field)))
+
+
+#: Version 3 files that version 3 did not write, and the message each must give.
+REFUSED_VERSION_3_EDITS = [
+    (config_field("model_config", "hidden", [8]), r"model_config.hidden is \[8\]; before version 4 it must be of type"),
+    (config_field("model_config", "hidden", 8.0), "model_config.hidden is 8.0; before version 4 it must be of type"),
+    (renamed("params/bngain", "params/bngain1"),
+     "members are not a checkpoint's: missing params/bngain.npy; unexpected params/bngain1.npy"),
+    (renamed("stats/var", "stats/var1"), "missing stats/var.npy; unexpected stats/var1.npy"),
+    (array("stats/var", lambda v: np.full_like(v, np.nan)), "stats/var holds NaN or infinite values"),
+    (array("params/bnbias", lambda b: b[0]), r"params/bnbias has shape \(8,\), the configuration needs \(1, 8\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", REFUSED_VERSION_3_EDITS, ids=[m for _, m in REFUSED_VERSION_3_EDITS])
+def test_an_older_version_s_file_is_checked_under_its_own_names(tmp_path, small, edit, message):
+    source, _ = small
+    old = rewritten(source, tmp_path / "v3.npz", as_version_3)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(rewritten(old, tmp_path / "c.npz", edit))
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A real checkpoint of two blocks of different widths (adam; with statistics) and its contents."""
+    original = small_checkpoint("adam", with_stats=True, hidden=(8, 5))
+    return checkpoint.save(tmp_path_factory.mktemp("deep") / "c.npz", original), original
+
+
+def test_a_checkpoint_of_two_blocks_round_trips_with_every_block_s_own_members(deep):
+    path, original = deep
+    with np.load(path) as npz:
+        names = set(npz)
+        np.testing.assert_array_equal(npz["stats/mean2"], original.stats[1].mean)  # block 2's under its own key
+        np.testing.assert_array_equal(npz["params/bngain2"], original.state.params["bngain2"])
+    assert {name for name in names if not name.startswith("opt/")} == {
+        "header", *(f"params/{name}" for name in model.param_names(original.model_config)),
+        "stats/mean1", "stats/var1", "stats/mean2", "stats/var2",
+    }  # fmt: skip
+    assert json.loads(np.load(path)["header"].tobytes())["model_config"]["hidden"] == [8, 5]
+    back = checkpoint.load(path)
+    assert_same_checkpoint(back, original)
+    assert back.model_config.hidden == (8, 5) and [s.mean.shape for s in back.stats] == [(1, 8), (1, 5)]
+
+
+REFUSED_DEEP_EDITS = [
+    (config_field("model_config", "hidden", [8]),
+     "unexpected opt/016.npy, .*, params/W3.npy, params/b3.npy, params/bnbias2.npy, params/bngain2.npy, "
+     "stats/mean2.npy, stats/var2.npy$"),
+    (config_field("model_config", "hidden", [8, 8]), r"params/W2 has shape \(8, 5\), the configuration needs \(8, 8\)"),
+    (config_field("model_config", "hidden", [5, 8]), r"params/W1 has shape \(9, 8\), the configuration needs \(9, 5\)"),
+    (without("stats/var2"), "members are not a checkpoint's: missing stats/var2.npy"),
+    (array("stats/mean2", np.zeros((1, 8), np.float32)), r"stats/mean2 has shape \(1, 8\), the configuration needs"),
+    (array("stats/var2", lambda v: v.astype(np.float64)), "stats/var2 is float64, not float32"),
+    (array("stats/var2", lambda v: np.full_like(v, np.nan)), "stats/var2 holds NaN or infinite values"),
+    (array("params/bngain2", lambda g: np.full_like(g, np.inf)), "params/bngain2 holds NaN or infinite values"),
+    (array("params/W3", lambda w: w.T), r"params/W3 has shape \(29, 5\), the configuration needs \(5, 29\)"),
+    (header_field("version", 3), r"model_config.hidden is \[8, 5\]; before version 4 it must be of type int"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", REFUSED_DEEP_EDITS, ids=[message for _, message in REFUSED_DEEP_EDITS])
+def test_every_block_is_checked_against_the_header(tmp_path, deep, edit, message):
+    source, _ = deep
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(rewritten(source, tmp_path / "c.npz", edit))
+
+
+def test_saving_statistics_that_are_not_one_per_block_is_refused_at_once(tmp_path, deep):
+    """Load would refuse such a file: the bug shows when the state is saved, not when a run is resumed."""
+    _, original = deep
+    for stats in (original.stats[:1], original.stats[0], (*original.stats, original.stats[0])):
+        with pytest.raises(TypeError, match=r"one BatchNormStats per block \(2\)"):
+            checkpoint.save(tmp_path / "c.npz", original._replace(stats=stats))
+    assert not (tmp_path / "c.npz").exists()
 
 
 def test_a_loss_log_that_is_not_the_checkpoint_s_own_is_refused(tmp_path):

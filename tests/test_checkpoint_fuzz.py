@@ -18,15 +18,16 @@ from test_checkpoint import assert_same_checkpoint, small_checkpoint
 from jaxbirds import checkpoint
 from jaxbirds.checkpoint import CheckpointError
 
-KINDS = [("sgd", False), ("sgd", True), ("adam", False), ("adam", True)]
+#: Optimiser, with statistics, block widths: both optimisers with and without statistics, and two blocks.
+KINDS = [("sgd", False, (8,)), ("sgd", True, (8,)), ("adam", False, (8,)), ("adam", True, (8,)), ("sgd", True, (8, 5))]
 LOCAL_HEADER, CENTRAL_ENTRY, END_RECORD = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """``(checkpoint, its file's bytes)`` for both optimisers, with and without statistics."""
+    """``(checkpoint, its file's bytes)`` for each of :data:`KINDS`."""
     directory = tmp_path_factory.mktemp("originals")
-    originals = [small_checkpoint(optimizer, stats) for optimizer, stats in KINDS]
+    originals = [small_checkpoint(optimizer, stats, hidden) for optimizer, stats, hidden in KINDS]
     return [(c, checkpoint.save(directory / f"{i}.npz", c).read_bytes()) for i, c in enumerate(originals)]
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -25,8 +26,8 @@ RATES, SEED = (0.1, 0.2, 0.3, 0.05), 3
 TOLERANCE = 1e-4
 
 
-def small_configs(dataset, **changes):
-    mc = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=16)
+def small_configs(dataset, hidden=(16,), **changes):
+    mc = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=hidden)
     return mc, train.TrainConfig(**{"steps": STEPS, "chunk_size": CHUNK, **changes})
 
 
@@ -263,7 +264,7 @@ def test_a_short_sweep_draws_every_model_s_curve(tmp_path, monkeypatch):
     from jaxbirds import plots
 
     drawn = []
-    monkeypatch.setattr(plots, "write", lambda fig, path: drawn.append(fig) or path)
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: drawn.append(fig) or path)
     runs = [{"learning_rate": lr, "seed": 1, "loss": {"dev": 2.0}, "diverged_at": None} for lr in (0.1, 0.2)]
     summary = [{"learning_rate": lr, "dev_mean": 2.0, "dev_std": 0.0} for lr in (0.1, 0.2)]
     plots.sweep_figure(summary, runs, np.full((2, 300), 2.5, np.float32), tmp_path / "sweep.png")
@@ -336,6 +337,7 @@ def test_resume_keeps_the_grid_and_the_shapes_and_refuses_a_run_s_checkpoint(tmp
     assert run_cli(load_script("sweep"), [*args, "--out", str(tmp_path)], capsys)[0] == 0
     for flags, message in [(["--lr", "0.3"], "--lr: the models of a saved sweep are its own"),
                            (["--hidden", "16"], "--hidden 16 (the run's is 8)"),
+                           (["--hidden", "8", "8"], "--hidden 8 8 (the run's is 8)"),
                            (["--steps", "100"], "below the saved run's step")]:  # fmt: skip
         code, _, err = run_cli(load_script("sweep"), ["--resume", *flags, "--out", str(tmp_path)], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
@@ -362,8 +364,9 @@ def test_the_models_evaluated_together_give_each_model_s_own_evaluation(dataset)
     )
     for k, evaluation in enumerate(together):
         alone = sweep.evaluate_member(sweep.member(result.params, k), dataset.splits)
-        np.testing.assert_allclose(evaluation.stats.mean, alone.stats.mean, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(evaluation.stats.var, alone.stats.var, rtol=1e-5)
+        ((together_block,), (alone_block,)) = evaluation.stats, alone.stats  # one block each
+        np.testing.assert_allclose(together_block.mean, alone_block.mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(together_block.var, alone_block.var, rtol=1e-5)
         for split in dataset.splits:
             assert evaluation.loss[split] == pytest.approx(alone.loss[split], rel=1e-6), (k, split)
     assert len({round(e.loss["dev"], 6) for e in together}) == 4  # four different models
@@ -383,3 +386,86 @@ def test_a_stop_during_a_sweep_s_evaluation_ends_it_at_once_with_the_state_saved
     assert code == 130 and "interrupted during evaluation" in out and "--resume" in out
     assert checkpoint.load(tmp_path / outputs.SWEEP_STATE).state.step == 300
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_a_sweep_state_of_two_block_models_round_trips(dataset, tmp_path):
+    """The checkpoint of a sweep of two-block models (what is saved after every chunk): every parameter of
+    both blocks and the injected optimiser's state, stacked on the models axis, and the members."""
+    mc, tc = small_configs(dataset, hidden=(8, 6), optimizer="adam")
+    members = sweep.grid([0.1, 0.2], [SEED, SEED + 1])
+    params, opt_states, _ = sweep.init_models(mc, tc, members)
+    state = train.TrainState(params, opt_states, 7)
+    rates, seeds = tuple(m.learning_rate for m in members), tuple(m.seed for m in members)
+    saved = checkpoint.Checkpoint(state, None, dataset.vocab, mc, tc, sweep=checkpoint.SweepMembers(rates, seeds,
+                                  (None, 3, None, None)))  # fmt: skip
+    back = checkpoint.load(checkpoint.save(tmp_path / "sweep-state.npz", saved))
+    chex.assert_trees_all_equal((back.state.params, back.state.opt_state), (params, opt_states), strict=True)
+    assert back.model_config.hidden == (8, 6) and back.sweep == saved.sweep and back.stats is None
+    assert {name: p.shape for name, p in back.state.params.items()} == {
+        name: (4, *shape) for name, shape in model.param_shapes(mc).items()
+    }  # W3 and bngain2 among them
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_block_models_saves_resumes_and_evaluates_every_block(dataset, tmp_path):
+    """Depth 2 through a whole sweep: the state saved after a stop holds every model's two blocks, stacked;
+    resumed from it, the sweep trains on to its end and saves its best model as a run with both blocks'
+    statistics, each the model's own calibration. (Bit for bit as a sweep run straight through: slow, below.)"""
+    from jaxbirds import evaluate, outputs, sweep_runner
+
+    mc, tc = small_configs(dataset, hidden=(8, 6), steps=400, chunk_size=200, grad_mode="custom_vjp")
+    members = sweep.grid([0.1, 0.2], [SEED])
+    options = sweep_runner.SweepOptions(out=tmp_path, devices=1, plot=False)
+    assert sweep_runner.run(dataset, mc, tc, members, options, should_stop=lambda: True) == 130
+    saved = checkpoint.load(tmp_path / outputs.SWEEP_STATE)
+    assert saved.state.step == 200 and saved.model_config == mc and sweep_runner.members_of(saved) == members
+    assert {name: p.shape for name, p in saved.state.params.items()} == {
+        name: (2, *shape) for name, shape in model.param_shapes(mc).items()
+    }  # W3 and bngain2 among them
+    assert sweep_runner.run(dataset, mc, tc, members, options, resume_from=saved) == 0
+    report = strict_json(tmp_path / "sweep.json")
+    assert report["steps"] == 400 and report["configs"]["model_config"]["hidden"] == [8, 6]
+    best = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert best.model_config == mc and [s.mean.shape for s in best.stats] == [(1, 8), (1, 6)]
+    assert report["runs"][report["best"]]["loss"]["dev"] == pytest.approx(
+        evaluate.split_loss(best.state.params, best.stats, dataset.dev.X, dataset.dev.Y), rel=1e-6
+    )
+    calibrated = evaluate.calibrate(best.state.params, dataset.train.X)
+    jax.tree.map(np.testing.assert_array_equal, best.stats, calibrated)  # block 2's are block 2's
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_of_two_block_models_ends_bit_for_bit_as_an_uninterrupted_one(dataset, tmp_path):
+    from jaxbirds import outputs, sweep_runner
+
+    mc, tc = small_configs(dataset, hidden=(8, 8), steps=400, chunk_size=200, grad_mode="custom_vjp")
+    members = sweep.grid([0.1, 0.2], [SEED])
+    options = sweep_runner.SweepOptions(out=tmp_path / "straight", devices=1, plot=False)
+    assert sweep_runner.run(dataset, mc, tc, members, options) == 0
+    options = dataclasses.replace(options, out=tmp_path / "resumed")
+    assert sweep_runner.run(dataset, mc, tc, members, options, should_stop=lambda: True) == 130
+    saved = checkpoint.load(tmp_path / "resumed" / outputs.SWEEP_STATE)
+    assert sweep_runner.run(dataset, mc, tc, members, options, resume_from=saved) == 0
+    straight, resumed = (strict_json(tmp_path / d / "sweep.json") for d in ("straight", "resumed"))
+    assert [r["loss"] for r in resumed["runs"]] == [r["loss"] for r in straight["runs"]]
+    histories = [checkpoint.LossLog(tmp_path / d / outputs.SWEEP_LOSSES, 2).read(400) for d in ("straight", "resumed")]
+    np.testing.assert_array_equal(*histories)
+    best = [checkpoint.load(tmp_path / d / "checkpoint.npz") for d in ("straight", "resumed")]
+    jax.tree.map(np.testing.assert_array_equal, (best[0].state.params, best[0].stats),
+                 (best[1].state.params, best[1].stats))  # fmt: skip
+
+
+def test_the_memory_check_of_a_sweep_counts_every_block():
+    """The models' state at depth 2 is larger than at depth 1 by the second block: a budget between the two
+    refuses the deeper sweep and admits the shallower one."""
+    from jaxbirds.errors import MemoryBudgetError
+
+    tc = train.TrainConfig(steps=10)
+    shallow, deep = (model.ModelConfig(hidden=hidden) for hidden in ((100,), (100, 100)))
+    models, state_bytes = 8, 4 * 4  # float32 parameters, gradients, updates and the initialisation's copy (sgd)
+    need = {c: models * state_bytes * model.param_count_for(c) + 4 * models * tc.steps for c in (shallow, deep)}
+    assert need[deep] - need[shallow] == models * state_bytes * (100 * 100 + 100 + 2 * 100)  # W2, b2, bngain2, bnbias2
+    budget = (need[shallow] + need[deep]) // 2
+    sweep.check_fits(shallow, tc, models, budget=budget)
+    with pytest.raises(MemoryBudgetError, match="8 model"):
+        sweep.check_fits(deep, tc, models, budget=budget)
