@@ -103,7 +103,7 @@ def atomic_backward(
 
 def loss_backward(v: Mapping[str, jax.Array], Y: jax.Array) -> dict[str, jax.Array]:
     """The atomic pass from the loss back to ``dlogits``, through the tutorial's cross-entropy steps."""
-    n = v["logits"].shape[0]
+    n, n_classes = v["logits"].shape
     g: dict[str, jax.Array] = {}
     # loss = -(1/n) sum_i logprobs[i, Y_i]: only the picked entries get -1/n.
     g["logprobs"] = jnp.zeros_like(v["logprobs"]).at[jnp.arange(n), Y].set(-1.0 / n)
@@ -123,7 +123,7 @@ def loss_backward(v: Mapping[str, jax.Array], Y: jax.Array) -> dict[str, jax.Arr
     # that is the maximum; where several entries tie for it, JAX's rule splits it equally among
     # them (any split summing to one is a valid subgradient: this one is JAX's, and symmetric).
     is_max = (v["logits"] == v["logit_maxes"]).astype(v["logits"].dtype)
-    ties = jnp.sum(is_max, axis=1, keepdims=True)
+    ties = jnp.sum(is_max, axis=1, keepdims=True)  # how many entries share the row's maximum
     g["logits"] = g["norm_logits"] + (g["logit_maxes"] / ties) * is_max
     return g
 
