@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbirds import cli, data, gradcheck, memory, model, plots, runner
+from jaxbirds import cli, data, finite_differences, gradcheck, memory, model, plots, runner
 from jaxbirds.manual import fused_backward
 
 #: What each gradient mode's table is headed.
@@ -126,12 +126,13 @@ def main(argv=None) -> int:
                 print(f"### batch norm's backward pass, {rules}: {len(jaxpr.jaxpr.eqns)} equations\n")
                 print(f"```\n{jaxpr}\n```\n")
 
-        users = [gradcheck.FDShape(args.batch_size, width, dataset.vocab.size) for width in sorted(set(config.hidden))]
-        fd_shapes = (*users, *gradcheck.FD_SHAPES)
+        widths = sorted(set(config.hidden))
+        users = [finite_differences.FDShape(args.batch_size, width, dataset.vocab.size) for width in widths]
+        fd_shapes = (*users, *finite_differences.FD_SHAPES)
         shapes_text = ", ".join(f"{s.batch}x{s.hidden} (classes {s.classes})" for s in fd_shapes)
         fd_ok = True
         try:
-            gradcheck.finite_difference_check(fd_key, fd_shapes)
+            finite_differences.check_rules(fd_key, fd_shapes)
         except AssertionError as err:
             fd_ok = False
             print(f"finite differences: FAILED\n{err}")

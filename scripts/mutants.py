@@ -544,7 +544,7 @@ MUTANTS = [
     ),
     Mutant(
         "fd-square",
-        "jaxbirds/gradcheck.py",
+        "jaxbirds/finite_differences.py",
         "FD_SHAPES = (FDShape(batch=5, hidden=3, classes=4), FDShape(batch=3, hidden=7, classes=5))",
         "FD_SHAPES = (FDShape(batch=4, hidden=4, classes=5),)",
         "finite differences at a square shape cannot see a batch/hidden mix-up",
@@ -552,8 +552,8 @@ MUTANTS = [
     Mutant(
         "fd-ignores-user-shape",
         "scripts/gradcheck.py",
-        "fd_shapes = (*users, *gradcheck.FD_SHAPES)",
-        "fd_shapes = gradcheck.FD_SHAPES",
+        "fd_shapes = (*users, *finite_differences.FD_SHAPES)",
+        "fd_shapes = finite_differences.FD_SHAPES",
         "the finite-difference check ignores --batch-size and --hidden",
     ),
     Mutant(

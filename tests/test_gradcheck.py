@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jaxbirds import closed_forms, gradcheck, jvp, manual, model, ops, vjp
+from jaxbirds import closed_forms, finite_differences, gradcheck, jvp, manual, model, ops, vjp
 
 TOL = gradcheck.Tolerance(rtol=1e-5, noise_multiple=16.0)
 
@@ -288,16 +288,17 @@ def test_finite_differences_see_a_batch_hidden_axis_mix_up(monkeypatch, module, 
     """Batch norm's rule reading ``n`` from the hidden axis: right at a square shape (batch = hidden,
     where the check once ran alone), wrong at each of the fixed shapes, which catch it on their own."""
     monkeypatch.setattr(module, "batch_norm", broken())
-    gradcheck.finite_difference_check(jax.random.key(0), [gradcheck.FDShape(batch=4, hidden=4, classes=5)])
-    for shape in gradcheck.FD_SHAPES:
+    finite_differences.check_rules(jax.random.key(0), [finite_differences.FDShape(batch=4, hidden=4, classes=5)])
+    for shape in finite_differences.FD_SHAPES:
         with pytest.raises(AssertionError, match=f"batch_norm .*batch {shape.batch}, hidden {shape.hidden}"):
-            gradcheck.finite_difference_check(jax.random.key(0), [shape])
+            finite_differences.check_rules(jax.random.key(0), [shape])
 
 
 def test_fixed_finite_difference_shapes_tell_every_axis_apart():
-    for shape in gradcheck.FD_SHAPES:
+    for shape in finite_differences.FD_SHAPES:
         assert len(set(shape)) == 3, shape
-    assert any(s.batch < s.hidden for s in gradcheck.FD_SHAPES) and any(s.batch > s.hidden for s in gradcheck.FD_SHAPES)
+    shapes = finite_differences.FD_SHAPES
+    assert any(s.batch < s.hidden for s in shapes) and any(s.batch > s.hidden for s in shapes)
 
 
 @pytest.mark.slow
@@ -351,7 +352,7 @@ def finite_differences_recorded(monkeypatch):
     """The script's finite-difference check replaced by a recorder of the shapes it is asked for (the
     check itself is tested above): the script tests below then cost the tables alone."""
     asked = []
-    monkeypatch.setattr(gradcheck, "finite_difference_check", lambda key, shapes: asked.append(tuple(shapes)))
+    monkeypatch.setattr(finite_differences, "check_rules", lambda key, shapes: asked.append(tuple(shapes)))
     return asked
 
 
@@ -363,7 +364,7 @@ def test_script_passes_and_checks_finite_differences_at_the_users_shape(capsys, 
     script = load_script("gradcheck")
     assert script.main(SMALL) == 0
     out = capsys.readouterr().out
-    assert finite_differences_recorded == [(gradcheck.FDShape(5, 3, 29), *gradcheck.FD_SHAPES)]
+    assert finite_differences_recorded == [(finite_differences.FDShape(5, 3, 29), *finite_differences.FD_SHAPES)]
     assert "OK: all 53 tensors" in out and "the atomic pass's 26 all bitwise equal" in out
 
 

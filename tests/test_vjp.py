@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from jaxbirds import gradcheck, model, ops, vjp
+from jaxbirds import finite_differences, gradcheck, model, ops, vjp
 
 DTYPES = [jnp.float32, jnp.float64]
 
@@ -82,7 +82,7 @@ def test_batch_norm_rule_matches_jax_grad(dtype):
 @pytest.mark.parametrize("seed", [2, 3])
 @pytest.mark.slow
 def test_finite_differences_agree_with_both_rules(seed):
-    gradcheck.finite_difference_check(jax.random.key(seed))
+    finite_differences.check_rules(jax.random.key(seed))
 
 
 def _dropped_term(eps, residuals, dy):
@@ -111,7 +111,7 @@ def test_finite_difference_check_catches_a_wrong_batch_norm_rule(monkeypatch, wr
     broken.defvjp(vjp._batch_norm_fwd, wrong)
     monkeypatch.setattr(vjp, "batch_norm", broken)
     with pytest.raises(AssertionError):
-        gradcheck.finite_difference_check(jax.random.key(3))
+        finite_differences.check_rules(jax.random.key(3))
 
 
 def test_finite_difference_check_catches_a_wrong_cross_entropy_rule(monkeypatch):
@@ -119,7 +119,7 @@ def test_finite_difference_check_catches_a_wrong_cross_entropy_rule(monkeypatch)
     broken.defvjp(vjp._cross_entropy_fwd, _ce_without_mean)
     monkeypatch.setattr(vjp, "cross_entropy", broken)
     with pytest.raises(AssertionError):
-        gradcheck.finite_difference_check(jax.random.key(3))
+        finite_differences.check_rules(jax.random.key(3))
 
 
 # --- properties over shapes and scales (float64: the tolerance is the acceptance one) ------------
