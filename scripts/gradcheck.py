@@ -84,64 +84,24 @@ def main(argv=None) -> int:
         runner.check_writable_dir(args.plot)
     dataset = data.load_dataset(args.data)
     with jax.enable_x64(args.dtype == "float64"):
-        dtype = jnp.dtype(args.dtype)
-        config = model.ModelConfig(
-            vocab_size=dataset.vocab.size,
-            context_size=dataset.context_size,
-            embedding_dim=args.embedding,
-            hidden=tuple(args.hidden),
-        )
-        # ~60 activations or gradients of (batch, hidden + vocabulary) values are alive in the checks, per block
-        memory.require(
-            60 * args.batch_size * (sum(config.hidden) + dataset.vocab.size) * dtype.itemsize
-            + 8 * model.param_count_for(config) * dtype.itemsize,
-            f"checking a batch of {args.batch_size:,} at hidden {hidden_text(config)}",
-            "use a smaller --batch-size or --hidden",
-        )
-        param_key, batch_key, fd_key = jax.random.split(jax.random.key(args.seed), 3)
-        params = model.init_params(param_key, config, dtype)
-        ix = np.asarray(jax.random.randint(batch_key, (args.batch_size,), 0, len(dataset.train)))
-        X, Y = jnp.asarray(dataset.train.X[ix]), jnp.asarray(dataset.train.Y[ix])
-        tol = gradcheck.tolerance_for(dtype)
-
+        config, params, X, Y, fd_key = make_problem(args, dataset)
+        tol = gradcheck.tolerance_for(params["W1"].dtype)
         print(f"{dataset.summary()}")
         print(
-            f"model: {model.param_count(params):,} parameters (hidden {hidden_text(config)}), batch {args.batch_size}, "
-            f"{args.dtype}, tolerance rtol {tol.rtol:g} of max|ref| + {tol.noise_multiple:g} x the measured noise; "
-            f"loss {float(jax.jit(model.loss)(params, X, Y)):.4f}\n"
+            f"model: {model.param_count(params):,} parameters ({cli.describe_hidden(config.hidden)}), "
+            f"batch {args.batch_size}, {args.dtype}, tolerance rtol {tol.rtol:g} of max|ref| + "
+            f"{tol.noise_multiple:g} x the measured noise; loss {float(jax.jit(model.loss)(params, X, Y)):.4f}\n"
         )
         methods = gradcheck.all_tables(params, X, Y, tol)
         tables = {TITLES.get(method, f"{method} vs jax.grad"): rows for method, rows in methods.items()}
-        for title, rows in tables.items():
-            for part, group in gradcheck.by_layer(rows, config.depth).items():
-                print(gradcheck.format_table(group, f"{title}: {part}"), end="\n\n")
-        print(
-            gradcheck.summary_table(
-                methods, f"all {len(methods)} against jax.grad (max diff / allowed; below 1 passes)"
-            ),
-            end="\n\n",
-        )
+        print_tables(methods, tables, config.depth)
         if args.show_jaxpr:
-            for rules, jaxpr in gradcheck.backward_jaxprs(dtype=dtype).items():
+            for rules, jaxpr in gradcheck.backward_jaxprs(dtype=params["W1"].dtype).items():
                 print(f"### batch norm's backward pass, {rules}: {len(jaxpr.jaxpr.eqns)} equations\n")
                 print(f"```\n{jaxpr}\n```\n")
-
         widths = sorted(set(config.hidden))
         users = [finite_differences.FDShape(args.batch_size, width, dataset.vocab.size) for width in widths]
-        fd_shapes = (*users, *finite_differences.FD_SHAPES)
-        shapes_text = ", ".join(f"{s.batch}x{s.hidden} (classes {s.classes})" for s in fd_shapes)
-        fd_ok = True
-        try:
-            finite_differences.check_rules(fd_key, fd_shapes)
-        except AssertionError as err:
-            fd_ok = False
-            print(f"finite differences: FAILED\n{err}")
-        else:
-            print(
-                "finite differences (jax.test_util.check_grads, float64; custom_vjp in reverse mode, custom_jvp in "
-                f"forward and reverse mode) at batch x hidden {shapes_text}: cross_entropy ok, batch_norm ok"
-            )
-
+        fd_ok = check_finite_differences(fd_key, (*users, *finite_differences.FD_SHAPES))
         if args.plot:
             dlogits = np.asarray(jax.jit(fused_backward)(params, X, Y).inner["logits"])
             written = [
@@ -149,14 +109,66 @@ def main(argv=None) -> int:
                 plots.tolerance_bars(tables, args.plot / "tolerances.png"),
             ]
             print("wrote " + ", ".join(map(str, written)))
+    return verdict(args.dtype, methods, tables, fd_ok)
 
+
+def make_problem(args, dataset):
+    """The model of ``--hidden`` and ``--embedding`` at its initialisation, a batch of the training split
+    and a key for the finite differences, all from ``--seed``; refused up front if it cannot fit in memory."""
+    dtype = jnp.dtype(args.dtype)
+    config = model.ModelConfig(
+        vocab_size=dataset.vocab.size,
+        context_size=dataset.context_size,
+        embedding_dim=args.embedding,
+        hidden=tuple(args.hidden),
+    )
+    # ~60 activations or gradients of (batch, hidden + vocabulary) values are alive in the checks, per block
+    memory.require(
+        60 * args.batch_size * (sum(config.hidden) + dataset.vocab.size) * dtype.itemsize
+        + 8 * model.param_count_for(config) * dtype.itemsize,
+        f"checking a batch of {args.batch_size:,} at {cli.describe_hidden(config.hidden)}",
+        "use a smaller --batch-size or --hidden",
+    )
+    param_key, batch_key, fd_key = jax.random.split(jax.random.key(args.seed), 3)
+    params = model.init_params(param_key, config, dtype)
+    ix = np.asarray(jax.random.randint(batch_key, (args.batch_size,), 0, len(dataset.train)))
+    return config, params, jnp.asarray(dataset.train.X[ix]), jnp.asarray(dataset.train.Y[ix]), fd_key
+
+
+def print_tables(methods: dict, tables: dict, depth: int) -> None:
+    """Each mode's table, one per layer, then all of them side by side."""
+    for title, rows in tables.items():
+        for part, group in gradcheck.by_layer(rows, depth).items():
+            print(gradcheck.format_table(group, f"{title}: {part}"), end="\n\n")
+    title = f"all {len(methods)} against jax.grad (max diff / allowed; below 1 passes)"
+    print(gradcheck.summary_table(methods, title), end="\n\n")
+
+
+def check_finite_differences(key, shapes) -> bool:
+    """The finite-difference check of every hand-written rule at ``shapes``, printed; whether it passed."""
+    try:
+        finite_differences.check_rules(key, shapes)
+    except AssertionError as err:
+        print(f"finite differences: FAILED\n{err}")
+        return False
+    shapes_text = ", ".join(f"{s.batch}x{s.hidden} (classes {s.classes})" for s in shapes)
+    print(
+        "finite differences (jax.test_util.check_grads, float64; custom_vjp in reverse mode, custom_jvp in "
+        f"forward and reverse mode) at batch x hidden {shapes_text}: cross_entropy ok, batch_norm ok"
+    )
+    return True
+
+
+def verdict(dtype: str, methods: dict, tables: dict, fd_ok: bool) -> int:
+    """The run's exit code, with its notes: 1 if a tensor is outside tolerance, the finite differences
+    failed, or the atomic pass is not bitwise equal where that is claimed; else 0."""
     bad = [f"{title}: {row.name}" for title, rows in tables.items() for row in rows if not row.close]
     backend = jax.default_backend()
-    bitwise_claimed = gradcheck.atomic_bitwise_claimed(args.dtype, backend)
+    bitwise_claimed = gradcheck.atomic_bitwise_claimed(dtype, backend)
     not_bitwise = gradcheck.not_bitwise(methods["atomic"])
     if bitwise_claimed and not_bitwise:
         bad.append(
-            f"atomic manual backward not bitwise equal to jax.grad (claimed in {args.dtype} on {backend}): "
+            f"atomic manual backward not bitwise equal to jax.grad (claimed in {dtype} on {backend}): "
             + ", ".join(not_bitwise)
         )
     print(
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
     )
     if not bitwise_claimed:
         print(
-            f"note: in {args.dtype} on {backend} the atomic pass is checked to tolerance only; it is claimed bitwise "
+            f"note: in {dtype} on {backend} the atomic pass is checked to tolerance only; it is claimed bitwise "
             f"equal to jax.grad in float32 on cpu ({len(not_bitwise)} of its tensors differ here)."
         )
     if bad or not fd_ok:
@@ -175,15 +187,9 @@ def main(argv=None) -> int:
         return 1
     exact = sum(row.exact for rows in tables.values() for row in rows)
     total = sum(len(rows) for rows in tables.values())
-    atomic = len(methods["atomic"])
-    claim = f", the atomic pass's {atomic} all bitwise equal to jax.grad" if bitwise_claimed else ""
+    claim = f", the atomic pass's {len(methods['atomic'])} all bitwise equal to jax.grad" if bitwise_claimed else ""
     print(f"OK: all {total} tensors within tolerance, {exact} of them bitwise equal to jax.grad{claim}.")
     return 0
-
-
-def hidden_text(config: model.ModelConfig) -> str:
-    """The blocks' widths as the user typed them: ``64`` or ``64 32 16``."""
-    return " ".join(map(str, config.hidden))
 
 
 if __name__ == "__main__":
