@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig
 
 
@@ -23,9 +24,13 @@ def tutorial_training_loop(
     batch_size: int = 32,
     seed: int = 2147483647,
 ) -> float:
-    """Run ``steps`` SGD steps of the tutorial's loop; returns the last loss."""
+    """Run ``steps`` SGD steps of the tutorial's loop; returns the last loss. The tutorial's model has
+    one block: ``ConfigError`` for a deeper ``mc``."""
+    if mc.depth != 1:
+        raise ConfigError(f"the tutorial's PyTorch loop has one hidden block, not {mc.depth}")
     g = torch.Generator().manual_seed(seed)
-    V, E, H, k = mc.vocab_size, mc.embedding_dim, mc.hidden, mc.context_size
+    (H,) = mc.hidden
+    V, E, k = mc.vocab_size, mc.embedding_dim, mc.context_size
     C = torch.randn((V, E), generator=g)
     W1 = torch.randn((E * k, H), generator=g) * (5 / 3) / (E * k) ** 0.5
     b1 = torch.randn(H, generator=g) * 0.1

@@ -227,3 +227,21 @@ def test_a_new_rule_set_is_one_registry_entry(key, batch, monkeypatch):
     assert "toy" in gradcheck.checked_modes()
     rows = gradcheck.method_rows(params, *map(jnp.asarray, batch), "toy", gradcheck.tolerance_for("float32"))
     assert all(row.close for row in rows), gradcheck.format_table(rows, "toy")
+
+
+def test_evaluation_mode_uses_each_blocks_own_statistics(key, batch):
+    """Each block's statistics, taken from the training forward's own hprebn[l], make evaluation mode
+    equal training mode at every depth (block 2's statistics applied to block 1, or block 1's to all,
+    would not)."""
+    config = model.ModelConfig(vocab_size=29, hidden=(16, 16, 16))
+    params = model.init_params(key, config)
+    seen = {}
+    model.forward(params, batch[0], tap=lambda name, value: seen.setdefault(name, value))
+    stats = tuple(
+        model.BatchNormStats(jnp.mean(h, axis=0, keepdims=True), jnp.var(h, axis=0, keepdims=True, ddof=1))
+        for h in (seen[f"hprebn[{layer}]"] for layer in (1, 2, 3))
+    )
+    training = model.logits(params, batch[0])
+    np.testing.assert_allclose(model.logits(params, batch[0], stats=stats), training, rtol=1e-4, atol=1e-5)
+    swapped = (stats[1], stats[0], stats[2])
+    assert not np.allclose(model.logits(params, batch[0], stats=swapped), training, rtol=1e-3, atol=1e-3)
