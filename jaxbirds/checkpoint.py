@@ -1,4 +1,4 @@
-"""Checkpoints: one ``.npz`` file with the state, and an append-only loss history beside it.
+"""Checkpoints: one ``.npz`` file with the state (the loss history beside it: :mod:`jaxbirds.checkpoint_writer`).
 
 ``checkpoint.npz`` holds the parameters (``params/<name>`` for every name of
 :func:`jaxbirds.model.param_names`), the optimiser state (``opt/<i>``, its leaves
@@ -14,17 +14,10 @@ Files of versions 2 and 3, from before models had more than one block, still
 load: their one block's names (``bngain``, ``stats/mean``, ...) are read as
 block 1's (:data:`ONE_BLOCK_NAMES`).
 
-The per-step losses go to :class:`LossLog` (``losses.f32``, raw little-endian
-float32), appended chunk by chunk, so saving after a chunk costs the same at
-step 1,000 as at step 1,000,000. The checkpoint's step says how many of its
-entries are valid: a crash between the two writes leaves extra entries, which
-a resume cuts off.
-
-Writes are atomic: the file is written next to its destination under a
-temporary name, flushed to disk, then renamed over it. An interrupted save
-leaves the previous checkpoint intact. Files are created with the user's
-umask, like any other file the user makes. :class:`Writer` does all of this on
-a background thread, so the training loop does not wait for the disk.
+Writes are atomic (:func:`write_atomically`): the file is written next to its
+destination under a temporary name, flushed to disk, then renamed over it. An
+interrupted save leaves the previous checkpoint intact. Files are created with
+the user's umask, like any other file the user makes.
 """
 
 from __future__ import annotations
@@ -33,19 +26,14 @@ import dataclasses
 import io
 import json
 import os
-import threading
-import time
 import uuid
 import zipfile
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from jaxbirds import outputs
 from jaxbirds.data import Vocabulary
 from jaxbirds.errors import JaxbirdsError
 from jaxbirds.model import BatchNormStats, ModelConfig, ModelStats, param_names, param_shapes
@@ -58,7 +46,6 @@ FORMAT = "jaxbirds-checkpoint"
 VERSION = 4
 OLDEST_READ = 2
 FIRST_NUMBERED = 4  # the first version whose blocks are numbered
-LOSS_LOG = outputs.LOSS_LOG
 ZIP_SIGNATURE = b"PK\x03\x04"  # how every zip archive, and so every .npz file, begins
 PARAM_DTYPE = np.dtype(np.float32)  # of parameters and statistics: every run trains in float32
 HEADER_FIELDS = {
@@ -80,7 +67,14 @@ FIELDS_SINCE = {"train_config": {"diagnostics_every": 4}}
 
 
 def stats_names(layer: int) -> tuple[str, str]:
-    """The members that hold block ``layer``'s calibrated mean and variance: ``stats/mean<l>``, ``stats/var<l>``."""
+    """The members that hold a block's calibrated mean and variance.
+
+    Args:
+      layer: the block, from 1.
+
+    Returns:
+      ``("stats/mean<layer>", "stats/var<layer>")``.
+    """
     return f"stats/mean{layer}", f"stats/var{layer}"
 
 
@@ -115,11 +109,18 @@ class DataSource(NamedTuple):
     sha256: str
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def write_atomically(path: Path, payload: bytes) -> None:
     """Write ``payload`` to a new temporary file beside ``path``, fsync it, rename it over ``path``.
 
     ``os.open`` with mode 0o666 lets the kernel apply the user's umask, as for
     any file the user creates (``tempfile`` would make it 0600).
+
+    Args:
+      path: the destination; its directory must exist. A reader sees the old file or the new one, whole.
+      payload: the file's new contents.
+
+    Raises:
+      OSError: the file cannot be written (the temporary file is removed; ``path`` is as it was).
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -150,7 +151,19 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save(path: str | Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, rename: :func:`write_atomically`).
+
+    Args:
+      path: the ``.npz`` file; its directory is created if need be.
+      checkpoint: the state; its ``stats``, if any, one ``BatchNormStats`` per block.
+
+    Returns:
+      ``path``, as a ``Path``.
+
+    Raises:
+      TypeError: ``stats`` are not one ``BatchNormStats`` per block (a file :func:`load` would refuse).
+      OSError: the file cannot be written.
+    """
     path = Path(path)
     config, state, stats = checkpoint.model_config, checkpoint.state, checkpoint.stats
     if stats is not None and not (
@@ -179,7 +192,7 @@ def save(path: str | Path, checkpoint: Checkpoint) -> Path:
     arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
     return path
 
 
@@ -428,7 +441,16 @@ def _array(members: dict[str, bytes], name: str, shape: tuple[int, ...] | None, 
 
 
 def check_compatible(checkpoint: Checkpoint, vocab: Vocabulary, context_size: int) -> None:
-    """Raise if the checkpoint was trained on another vocabulary or context size than the data."""
+    """Refuse a checkpoint trained on another vocabulary or context size than the data's.
+
+    Args:
+      checkpoint: the loaded checkpoint.
+      vocab: the data's vocabulary.
+      context_size: the data's context size.
+
+    Raises:
+      CheckpointError: the vocabularies or the context sizes differ.
+    """
     if checkpoint.vocab != vocab:
         raise CheckpointError(
             f"the checkpoint's vocabulary {''.join(checkpoint.vocab.chars)!r} differs from the data's "
@@ -438,182 +460,3 @@ def check_compatible(checkpoint: Checkpoint, vocab: Vocabulary, context_size: in
         raise CheckpointError(
             f"the checkpoint uses context {checkpoint.model_config.context_size}, the data {context_size}"
         )
-
-
-class LossLog:
-    """The per-step loss history of a run: raw little-endian float32, appended chunk by chunk.
-
-    A run's log holds one value per step; a sweep's (``models=K``) holds the K models' losses of each
-    step, step after step, so that it too only grows at its end. :meth:`read` returns ``(steps,)``, or
-    ``(K, steps)`` for a sweep, and checks the CRC-32 of the bytes it returns when the checkpoint
-    recorded one (:attr:`Checkpoint.loss_log_crc32`): a log that is not the checkpoint's own, such as
-    the log of a run that a killed ``--overwrite`` was replacing, is an error, never a wrong history.
-    """
-
-    def __init__(self, path: str | Path, models: int | None = None):
-        self.path, self.models = Path(path), models
-
-    @property
-    def _width(self) -> int:
-        return self.models or 1
-
-    def read(self, steps: int, crc32: int | None = None) -> np.ndarray:
-        """The first ``steps`` steps' losses; a :class:`CheckpointError` if the log holds fewer or, with
-        ``crc32``, if their bytes are not the ones the checkpoint counted."""
-        data = np.fromfile(self.path, "<f4") if self.path.is_file() else np.zeros(0, "<f4")
-        held = len(data) // self._width
-        if held < steps:
-            raise CheckpointError(f"{self.path} holds {held:,} steps' losses, the checkpoint {steps:,} steps")
-        data = data[: steps * self._width]
-        if crc32 is not None and zlib.crc32(data.tobytes()) != crc32:
-            raise CheckpointError(
-                f"{self.path} does not hold this checkpoint's loss history (its first {steps:,} steps differ from "
-                "the ones the checkpoint counted: a run that replaced another was stopped between its first two "
-                "writes); start again with --overwrite"
-            )
-        data = data.astype(np.float32)
-        return data if self.models is None else data.reshape(steps, self.models).T
-
-    def crc32(self, steps: int) -> int:
-        """The CRC-32 of the first ``steps`` steps' bytes (what :meth:`read` checks)."""
-        return zlib.crc32(np.fromfile(self.path, "<f4", count=steps * self._width).tobytes()) if steps else 0
-
-    def truncate(self, steps: int) -> None:
-        """Keep the first ``steps`` steps (creating an empty log if there is none)."""
-        with open(self.path, "ab") as f:
-            f.truncate(4 * steps * self._width)
-
-    def encode(self, losses: np.ndarray) -> bytes:
-        """The bytes ``losses`` add to the log: ``(steps,)``, or ``(K, steps)`` for a sweep, step after step."""
-        losses = np.asarray(losses, "<f4")
-        return (losses if self.models is None else losses.T).tobytes()
-
-    def append(self, losses: np.ndarray) -> None:
-        """Append and make durable (fsync), before the checkpoint that counts these steps is written."""
-        with open(self.path, "ab") as f:
-            f.write(self.encode(losses))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-class Writer:
-    """Saves checkpoints on a background thread, so the training loop never waits for the disk.
-
-    :meth:`submit` hands over a checkpoint and the losses of the steps since the
-    last one and returns at once. The thread appends every batch of losses to
-    the :class:`LossLog`, in order, and writes the newest checkpoint (a newer one
-    submitted meanwhile supersedes an older one not yet written), stamped with
-    the CRC-32 of the log's bytes up to its step. Nothing on disk changes before
-    the first submission: only then is the log cut to its first ``keep`` steps
-    (the history the run continues), so a run refused before its first chunk
-    leaves a saved run as it was.
-
-    A run that *replaces* another (``replacing``: ``--overwrite``) writes its first
-    checkpoint before it touches the old log, and calls ``after_first`` (which
-    removes the old run's other files) only once that checkpoint is on disk: a
-    kill at any moment leaves either the old run whole or the new one's first
-    checkpoint (whose log the CRC then refuses if the kill came before the log
-    was written: one chunk lost, never a wrong history).
-
-    The writer runs at most one checkpoint behind: :meth:`submit` first waits
-    until the previous checkpoint is on disk (its writing overlapped the chunk
-    just trained), so a kill at any moment loses at most the last chunk
-    completed, however fast chunks are. ``waited_seconds`` counts that waiting:
-    zero unless writing a checkpoint takes longer than training a chunk.
-
-    :meth:`close` waits for everything submitted. An error on the thread stops
-    the writer for good; it is raised by :meth:`close` and by every later
-    :meth:`submit`. ``seconds`` counts the time spent writing; ``steps_logged``
-    the log's length; :attr:`crc32` the CRC-32 of the log once closed.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        log: LossLog,
-        keep: int = 0,
-        replacing: bool = False,
-        after_first: Callable[[], None] | None = None,
-    ):
-        self.path, self.log = Path(path), log
-        self.seconds, self.waited_seconds = 0.0, 0.0
-        self.steps_logged = keep
-        self.crc32 = log.crc32(keep) if keep else 0
-        self._keep, self._started, self.replacing, self._after_first = keep, False, replacing, after_first
-        self._pending: list[tuple[Checkpoint, np.ndarray]] = []
-        self._error: BaseException | None = None
-        self._closed, self._busy = False, False
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
-        self._thread.start()
-
-    @property
-    def started(self) -> bool:
-        """Whether anything was submitted (and so the log cut to ``keep`` and appended to)."""
-        return self.steps_logged > self._keep or self._started
-
-    def submit(self, checkpoint: Checkpoint, new_losses: np.ndarray) -> None:
-        with self._cv:
-            t0 = time.perf_counter()
-            while (self._pending or self._busy) and self._error is None:  # one checkpoint behind, at most
-                self._cv.wait()
-            self.waited_seconds += time.perf_counter() - t0
-            self._raise_error()
-            self._pending.append((checkpoint, np.array(new_losses, np.float32)))
-            self.steps_logged += np.shape(new_losses)[-1]
-            self._cv.notify_all()
-
-    def close(self) -> None:
-        """Wait until everything submitted is on disk; raise the thread's error, if any."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join()
-        self._raise_error()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._pending and not self._closed:
-                    self._cv.wait()
-                if not self._pending:
-                    return
-                batch, self._pending, self._busy = self._pending, [], True
-            t0 = time.perf_counter()
-            try:
-                self._write(batch)
-            except BaseException as err:  # surfaced in the caller's thread
-                with self._cv:
-                    self._error = err
-                    self._pending.clear()
-                    self._busy = False
-                    self._cv.notify_all()
-                return
-            finally:
-                self.seconds += time.perf_counter() - t0
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
-
-    def _write(self, batch: list[tuple[Checkpoint, np.ndarray]]) -> None:
-        crc = self.crc32
-        for _, losses in batch:
-            crc = zlib.crc32(self.log.encode(losses), crc)
-        newest = batch[-1][0]._replace(loss_log_crc32=crc)
-        first, replace_first = not self._started, not self._started and self.replacing
-        if replace_first:  # the new run's first checkpoint replaces the old run's before its log is touched
-            save(self.path, newest)
-        if first:
-            self.log.truncate(self._keep)
-            self._started = True
-        for _, losses in batch:
-            self.log.append(losses)
-        if not replace_first:
-            save(self.path, newest)
-        self.crc32 = crc
-        if first and self._after_first is not None:
-            self._after_first()

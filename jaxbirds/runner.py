@@ -49,7 +49,8 @@ import jax
 import numpy as np
 
 from jaxbirds import checkpoint, data, divergence, evaluate, model, outputs, plots, sample, train
-from jaxbirds.checkpoint import Checkpoint, LossLog
+from jaxbirds.checkpoint import Checkpoint
+from jaxbirds.checkpoint_writer import LossLog, Writer
 from jaxbirds.data import Dataset
 from jaxbirds.errors import ConfigError, OutputError
 
@@ -421,12 +422,12 @@ def _train_with_checkpoints(
     return trained
 
 
-def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool | None = None) -> checkpoint.Writer:
+def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool | None = None) -> Writer:
     """The background writer of a run's checkpoint and loss log, continuing the log's first ``keep`` steps.
 
     A new run into an ``--out`` that holds results (``--overwrite``: the up-front check refused it
     otherwise) *replaces* them: their files go only once the new run's first checkpoint is on disk
-    (see :class:`checkpoint.Writer`). A resumed run removes nothing: what else ``--out`` holds (a
+    (see :class:`jaxbirds.checkpoint_writer.Writer`). A resumed run removes nothing: what else ``--out`` holds (a
     sweep's state and results, say) is not the run's to replace.
     """
     if replacing is None:
@@ -434,13 +435,13 @@ def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool |
     after_first = (
         (lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, outputs.LOSS_LOG))) if replacing else None
     )
-    return checkpoint.Writer(
+    return Writer(
         options.out / CHECKPOINT, LossLog(options.out / outputs.LOSS_LOG), keep, replacing, after_first
     )
 
 
 def _saving_and_reporting(
-    writer: checkpoint.Writer, start: Checkpoint, options: RunOptions, say: Say
+    writer: Writer, start: Checkpoint, options: RunOptions, say: Say
 ) -> Callable[[train.Progress, train.TrainState, np.ndarray], None]:
     """The training loop's ``on_chunk(progress, state, chunk_losses)``: hand the chunk's state and losses to
     ``writer`` (creating ``options.out`` before the first), then print a progress line once

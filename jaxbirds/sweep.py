@@ -36,7 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbirds import distributed, divergence, evaluate, memory, model, train
+from jaxbirds import distributed, divergence, memory, model, train
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig
 from jaxbirds.train import TrainConfig
@@ -54,7 +54,15 @@ class Member:
 
 
 def grid(learning_rates: Sequence[float], seeds: Sequence[int]) -> tuple[Member, ...]:
-    """Every learning rate with every seed, learning-rate major; checked like a solo run's values."""
+    """Every learning rate with every seed, learning-rate major; checked like a solo run's values.
+
+    Returns:
+      The members, ``len(learning_rates) * len(seeds)`` of them.
+
+    Raises:
+      ConfigError: no rates or no seeds, a rate that is not a positive number, a seed out of range, or a
+        rate (compared in float32) or a seed given twice.
+    """
     if not learning_rates:
         raise ConfigError("no learning rates: give at least one (--lr or --lr-range)")
     if not seeds:
@@ -95,6 +103,12 @@ def choose_devices(models: int, requested: int | None, available: int, processes
         processes: ``jax.process_count()``. The mesh takes the same number of devices from every
             process (:func:`make_mesh`), so the count must be a multiple of it, and at most
             ``processes`` times the fewest devices of one process.
+
+    Returns:
+        The device count: it divides ``models`` and is a multiple of ``processes``.
+
+    Raises:
+        ConfigError: no such count, or ``requested`` is not one.
     """
     if models % processes:
         raise ConfigError(
@@ -159,7 +173,12 @@ def init_models(
 ):
     """Parameters and optimiser states of every member, stacked on a leading models axis, with each
     member's data key: what :func:`jaxbirds.train.init_state` and ``keys_for(seed).data`` give alone.
-    With ``sharding``, each device makes its own block of models."""
+    With ``sharding``, each device makes its own block of models.
+
+    Returns:
+      ``(params, opt_states, data_keys)``, each leaf (K, ...): the optimiser states are
+      :func:`injected_optimizer`'s, holding each member's learning rate.
+    """
     optimizer = injected_optimizer(train_config)
     seeds = jnp.asarray([m.seed for m in members], jnp.uint32)
     rates = jnp.asarray([m.learning_rate for m in members], jnp.float32)
@@ -279,29 +298,93 @@ def train_models(
     """Train every member to ``train_config.steps`` (its ``learning_rate`` and ``seed`` are ignored:
     each member brings its own), in compiled chunks, split over ``mesh``'s devices.
 
+    The phases: check that the sweep fits (:func:`check_fits`), place the models and the data on the
+    mesh (:func:`_place`), compile the chunk and check its memory (:func:`_compile`), train chunk by
+    chunk (:func:`_train_chunks`).
+
     Args:
+      X: the training contexts, (N, context_size); Y: their next characters, (N,).
+      members: the K models; K must be a multiple of ``mesh.size``.
+      mesh: a one-axis mesh (:func:`make_mesh`): each device trains K / ``mesh.size`` models.
       on_chunk: called after every chunk with the progress, a host copy of the state (for a checkpoint)
         and the chunk's losses, (K, chunk steps), NaN for a diverged model.
+      should_stop: polled after every chunk (by every process: a stop anywhere stops all).
+      memory_budget: bytes the sweep may use (None: what the machine has; see :mod:`jaxbirds.memory`).
+      group: the most models one batched program trains at once on a device (:data:`GROUP`).
       start: a saved state to continue (a sweep's checkpoint) instead of initialising the members;
         ``losses_so_far`` (K, ``start.step``) its loss history. Batches depend only on the seed and
         the step, so a resumed sweep ends where an uninterrupted one does.
+
+    Returns:
+      The trained models and their losses, on the host (see :class:`SweepResult`).
+
+    Raises:
+      ConfigError: no training examples, or K does not split evenly over the devices.
+      MemoryBudgetError: the models, their histories or the compiled chunk do not fit in memory.
     """
     if len(Y) < 1:
         raise ConfigError("there are no training examples")
-    tc, count = train_config, len(members)
-    if count % mesh.size:
-        raise ConfigError(f"{count} models do not split evenly over {mesh.size} devices")
-    check_fits(model_config, tc, count, memory_budget)
+    if len(members) % mesh.size:
+        raise ConfigError(f"{len(members)} models do not split evenly over {mesh.size} devices")
+    check_fits(model_config, train_config, len(members), memory_budget)
+    placed = _place(model_config, train_config, members, mesh, X, Y, start)
+    compiled = _compile(train_config, mesh, placed, len(members), memory_budget, group)
+    return _train_chunks(compiled, placed, train_config.steps, len(members), start, losses_so_far, on_chunk,
+                         should_stop)  # fmt: skip
+
+
+# The phases of train_models, in order.
+
+
+class _Placed(NamedTuple):
+    """The arrays of a sweep on its mesh: every model's own block on its device, the data on every device."""
+
+    params: model.Params  # each leaf (K, ...), split over the devices
+    opt_states: optax.OptState  # each leaf (K, ...), split over the devices
+    data_keys: jax.Array  # (K, key): each model's data stream
+    X: jax.Array  # (N, context_size), the same on every device
+    Y: jax.Array  # (N,)
+    per_model: NamedSharding  # how an array with a leading models axis is split
+
+
+def _place(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    members: Sequence[Member],
+    mesh: Mesh,
+    X: np.ndarray,
+    Y: np.ndarray,
+    start: SweepState | None,
+) -> _Placed:
+    """Initialise every member on its device (:func:`init_models`), or put ``start``'s state there; put
+    the data on every device."""
     per_model, shared = NamedSharding(mesh, P(MODELS)), NamedSharding(mesh, P())
-    params, opt_states, data_keys = init_models(model_config, tc, members, per_model)
+    params, opt_states, data_keys = init_models(model_config, train_config, members, per_model)
     if start is not None:
         params, opt_states = jax.device_put((start.params, start.opt_states), per_model)
     X, Y = jax.device_put((np.asarray(X), np.asarray(Y)), shared)  # the same on every device
+    return _Placed(params, opt_states, data_keys, X, Y, per_model)
+
+
+class _Compiled(NamedTuple):
+    """The compiled chunk of a sweep."""
+
+    chunk: Callable  # (params, opt_states, start, stops, X, Y, data_keys) -> (params, opt_states, losses (K, length))
+    length: int  # steps per chunk
+    seconds: float  # compiling it and checking its memory
+
+
+def _compile(
+    tc: TrainConfig, mesh: Mesh, placed: _Placed, count: int, memory_budget: int | None, group: int
+) -> _Compiled:
+    """Compile the chunk for ``placed``'s arrays (:func:`compile_models_chunk`), and refuse it, on every
+    process, if its buffers do not fit in memory (:func:`jaxbirds.memory.require_compiled`)."""
     length = min(tc.chunk_size, tc.steps)
     stops = np.full(count, 0, np.int32)
 
     t0 = time.perf_counter()
-    args = (params, opt_states, jnp.int32(0), jax.device_put(stops, per_model), X, Y, data_keys)
+    args = (placed.params, placed.opt_states, jnp.int32(0), jax.device_put(stops, placed.per_model),
+            placed.X, placed.Y, placed.data_keys)  # fmt: skip
     chunk = compile_models_chunk(tc, length, mesh, *args, group=group)
     devices = list(mesh.devices.flat)
     with distributed.agreed_errors():  # one host's memory may refuse it: then every process stops, with its line
@@ -311,41 +394,43 @@ def train_models(
             + (", or more --devices" if memory.more_devices_help(devices) else ""),
             memory_budget, copies=memory.devices_sharing_memory(devices),
         )  # fmt: skip
-    compile_seconds = time.perf_counter() - t0
+    return _Compiled(chunk, length, time.perf_counter() - t0)
 
-    losses = np.full((count, tc.steps), np.nan, np.float32)
+
+def _train_chunks(
+    compiled: _Compiled,
+    placed: _Placed,
+    steps: int,
+    count: int,
+    start: SweepState | None,
+    losses_so_far: np.ndarray | None,
+    on_chunk: Callable[[Progress, SweepState, np.ndarray], None] | None,
+    should_stop: Callable[[], bool],
+) -> SweepResult:
+    """Run ``compiled`` chunk after chunk from ``start``'s step (or 0) to ``steps``, until every model has
+    diverged or a stop is asked for; a diverged model is frozen from the next chunk on."""
+    params, opt_states = placed.params, placed.opt_states
+    losses = np.full((count, steps), np.nan, np.float32)
     diverged_at: list[int | None] = [None] * count if start is None else list(start.diverged_at)
     step, train_seconds, model_steps, stopped = 0 if start is None else start.step, 0.0, 0, False
     if start is not None:
         losses[:, :step] = losses_so_far
-    while step < tc.steps:
-        first, end = step, min(step + length, tc.steps)
+    while step < steps:
+        first, end = step, min(step + compiled.length, steps)
         # A diverged model's stop lies behind it: it stays as it is, and its losses are ignored.
         stops = np.array([end if d is None else 0 for d in diverged_at], np.int32)
         t0 = time.perf_counter()
-        params, opt_states, chunk_losses = chunk(
-            params, opt_states, jnp.int32(step), jax.device_put(stops, per_model), X, Y, data_keys
-        )
+        params, opt_states, chunk_losses = compiled.chunk(
+            params, opt_states, jnp.int32(step), jax.device_put(stops, placed.per_model), placed.X, placed.Y,
+            placed.data_keys,
+        )  # fmt: skip
         chunk_losses = to_host(chunk_losses)[:, : end - step]  # the one host sync per chunk
         train_seconds += time.perf_counter() - t0
-        recent = []
-        for k in range(count):
-            if diverged_at[k] is not None:
-                continue
-            bad = divergence.first_bad_step(chunk_losses[k])
-            stop_k = end if bad is None else step + bad
-            losses[k, step:stop_k] = chunk_losses[k, : stop_k - step]
-            model_steps += stop_k - step
-            if bad is not None:
-                diverged_at[k] = stop_k
-            else:
-                recent.append(float(chunk_losses[k].mean()))
+        trained, recent = _record_chunk(chunk_losses, step, end, losses, diverged_at)
+        model_steps += trained
         step = end
         if on_chunk is not None:
-            alive = sum(d is None for d in diverged_at)
-            rate = model_steps / train_seconds if train_seconds > 0 else float("inf")
-            eta = alive * (tc.steps - step) / rate if rate > 0 else float("nan")
-            progress = Progress(step, tc.steps, rate, eta, min(recent, default=float("nan")), count - alive)
+            progress = _progress(step, steps, model_steps, train_seconds, recent, diverged_at)
             state = SweepState(*jax.tree.map(to_host, (params, opt_states)), step, tuple(diverged_at))
             on_chunk(progress, state, losses[:, first:step])
         if all(d is not None for d in diverged_at):
@@ -355,9 +440,46 @@ def train_models(
             break
     host_params, host_states = jax.tree.map(to_host, (params, opt_states))
     return SweepResult(
-        host_params, host_states, losses[:, :step], diverged_at, step, compile_seconds, train_seconds,
+        host_params, host_states, losses[:, :step], diverged_at, step, compiled.seconds, train_seconds,
         stopped, model_steps,
     )  # fmt: skip
+
+
+def _record_chunk(
+    chunk_losses: np.ndarray, step: int, end: int, losses: np.ndarray, diverged_at: list[int | None]
+) -> tuple[int, list[float]]:
+    """Record the chunk of steps ``step`` to ``end`` of every model still training.
+
+    Writes ``losses[k, step:stop]`` (``losses``: (K, steps)) up to model ``k``'s first non-finite loss
+    of ``chunk_losses`` (K, ``end - step``), or to ``end``; at a non-finite one, sets ``diverged_at[k]``.
+
+    Returns:
+      ``(model_steps, recent)``: the steps trained, summed over the models (a diverged model's up to its
+      first bad loss); the mean chunk loss of each model still training.
+    """
+    recent, model_steps = [], 0
+    for k in range(len(diverged_at)):
+        if diverged_at[k] is not None:
+            continue
+        bad = divergence.first_bad_step(chunk_losses[k])
+        stop_k = end if bad is None else step + bad
+        losses[k, step:stop_k] = chunk_losses[k, : stop_k - step]
+        model_steps += stop_k - step
+        if bad is not None:
+            diverged_at[k] = stop_k
+        else:
+            recent.append(float(chunk_losses[k].mean()))
+    return model_steps, recent
+
+
+def _progress(
+    step: int, total: int, model_steps: int, train_seconds: float, recent: list[float], diverged_at: list[int | None]
+) -> Progress:
+    """The progress after a chunk: throughput, the time left for the models still training, the best recent loss."""
+    alive = sum(d is None for d in diverged_at)
+    rate = model_steps / train_seconds if train_seconds > 0 else float("inf")
+    eta = alive * (total - step) / rate if rate > 0 else float("nan")
+    return Progress(step, total, rate, eta, min(recent, default=float("nan")), len(diverged_at) - alive)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -371,111 +493,3 @@ def to_host(x: jax.Array) -> np.ndarray:
 def member(tree, k: int):
     """Model ``k``'s slice of a stacked tree."""
     return jax.tree.map(lambda x: x[k], tree)
-
-
-class Evaluation(NamedTuple):
-    stats: model.ModelStats  # one BatchNormStats per block
-    loss: dict[str, float | None]
-
-
-def evaluate_member(params: model.Params, splits: dict) -> Evaluation:
-    """Batch norm calibrated on the training split, then every split's loss (as a solo run reports)."""
-    stats = evaluate.calibrate(params, splits["train"].X)
-    return Evaluation(stats, {name: evaluate.split_loss(params, stats, s.X, s.Y) for name, s in splits.items()})
-
-
-def evaluate_members(
-    params: model.Params,
-    splits: dict,
-    progress: Callable[[str], evaluate.Progress] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    together: bool = False,
-) -> list[Evaluation]:
-    """:func:`evaluate_member` of every model of stacked ``params`` (K, ...).
-
-    One model after another by default. ``together`` evaluates all K in one program per batch (``vmap``
-    over the stacked parameters, one pass over the data): the same numbers to rounding, but on this
-    project's 2-core CPUs 4-5x slower than one after another (16 default models: 7.1-7.6 s against
-    1.4-1.8 s, measured 2026-12-01), the vmapped gathers being the cost; it is kept for accelerators,
-    where it has not been measured.
-
-    ``progress(label)`` makes the progress callback of each phase (see :func:`jaxbirds.runner.progress_line`);
-    ``should_stop`` is polled between batches (:class:`jaxbirds.evaluate.Stopped`).
-    """
-    report = progress or (lambda label: None)
-    count = params["W1"].shape[0]
-    if not together:
-        return [
-            Evaluation(
-                *_evaluate(
-                    member(params, k),
-                    splits,
-                    _prefixed(report, f"model {k + 1} of {count}: "),
-                    should_stop,
-                    models=False,
-                )
-            )  # fmt: skip
-            for k in range(count)
-        ]
-    stats, losses = _evaluate(params, splits, report, should_stop, models=True)
-    return [
-        Evaluation(member(stats, k), {name: None if loss is None else loss[k] for name, loss in losses.items()})
-        for k in range(count)
-    ]
-
-
-def _prefixed(report: Callable[[str], evaluate.Progress], prefix: str) -> Callable[[str], evaluate.Progress]:
-    return lambda label: report(prefix + label)
-
-
-def _evaluate(params, splits, report, should_stop, models: bool) -> tuple[model.ModelStats, dict]:
-    """Calibrated statistics (one per block; stacked, (K, 1, H_l), for ``models``) and every split's loss
-    (lists of K of them for stacked ``models``)."""
-    stats = evaluate.calibrate(
-        params, splits["train"].X, models=models, progress=report("calibrating batch norm"), should_stop=should_stop
-    )
-    losses = {
-        name: evaluate.split_loss(
-            params, stats, s.X, s.Y, models=models, progress=report(f"evaluating the {name} split"),
-            should_stop=should_stop,
-        )
-        for name, s in splits.items()
-    }  # fmt: skip
-    return stats, losses
-
-
-def _is_finite(loss: float | None) -> bool:
-    return loss is not None and math.isfinite(loss)
-
-
-def _finished(run: dict) -> bool:
-    """A run that did not diverge and has a finite dev loss."""
-    return run["diverged_at"] is None and _is_finite(run["loss"]["dev"])
-
-
-def summary_by_rate(runs: Sequence[dict]) -> list[dict]:
-    """Per learning rate: the dev loss's mean and standard deviation over the seeds that did not
-    diverge (sample standard deviation; 0 for a single seed), and how many diverged."""
-    rows = []
-    for lr in dict.fromkeys(run["learning_rate"] for run in runs):
-        same = [run for run in runs if run["learning_rate"] == lr]
-        dev = [run["loss"]["dev"] for run in same if _finished(run)]
-        rows.append({
-            "learning_rate": lr,
-            "seeds": len(same),
-            "diverged": sum(run["diverged_at"] is not None for run in same),
-            "dev_mean": float(np.mean(dev)) if dev else None,
-            "dev_std": float(np.std(dev, ddof=1)) if len(dev) > 1 else (0.0 if dev else None),
-        })  # fmt: skip
-    return rows
-
-
-def best_run(runs: Sequence[dict]) -> int | None:
-    """The run with the lowest dev loss among those that did not diverge, or the lowest train loss
-    when there is no dev split; None if every run diverged."""
-    trained = [i for i, run in enumerate(runs) if run["diverged_at"] is None]
-    for split in ("dev", "train"):
-        scored = [i for i in trained if _is_finite(runs[i]["loss"].get(split))]
-        if scored:
-            return min(scored, key=lambda i: runs[i]["loss"][split])
-    return None

@@ -250,14 +250,14 @@ MUTANTS = [
     ),
     Mutant(
         "sweep-std-biased",
-        "jaxbirds/sweep.py",
+        "jaxbirds/sweep_results.py",
         '"dev_std": float(np.std(dev, ddof=1))',
         '"dev_std": float(np.std(dev))',
         "the spread over seeds is the biased standard deviation",
     ),
     Mutant(
         "sweep-best-is-worst",
-        "jaxbirds/sweep.py",
+        "jaxbirds/sweep_results.py",
         'return min(scored, key=lambda i: runs[i]["loss"][split])',
         'return max(scored, key=lambda i: runs[i]["loss"][split])',
         "the model saved as the best has the highest dev loss",
@@ -432,14 +432,14 @@ MUTANTS = [
     ),
     Mutant(
         "loss-log-crc-unchecked",
-        "jaxbirds/checkpoint.py",
+        "jaxbirds/checkpoint_writer.py",
         "        if crc32 is not None and zlib.crc32(data.tobytes()) != crc32:",
         "        if False:",
         "a loss log that is not the checkpoint's own is read as its history",
     ),
     Mutant(
         "overwrite-cuts-old-log-first",
-        "jaxbirds/checkpoint.py",
+        "jaxbirds/checkpoint_writer.py",
         "        first, replace_first = not self._started, not self._started and self.replacing",
         "        first, replace_first = not self._started, False",
         "--overwrite cuts the old run's log before the new run's first checkpoint exists",
@@ -552,8 +552,8 @@ MUTANTS = [
     Mutant(
         "fd-ignores-user-shape",
         "scripts/gradcheck.py",
-        "fd_shapes = (*users, *finite_differences.FD_SHAPES)",
-        "fd_shapes = finite_differences.FD_SHAPES",
+        "fd_ok = check_finite_differences(fd_key, (*users, *finite_differences.FD_SHAPES))",
+        "fd_ok = check_finite_differences(fd_key, finite_differences.FD_SHAPES)",
         "the finite-difference check ignores --batch-size and --hidden",
     ),
     Mutant(

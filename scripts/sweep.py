@@ -41,11 +41,15 @@ import contextlib
 import dataclasses
 import functools
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
+import numpy as np
 
 from jaxbirds import cli, data, distributed, model, outputs, plots, sweep, sweep_runner, train
+from jaxbirds.checkpoint import Checkpoint
 from jaxbirds.errors import ConfigError
 
 DEFAULTS = train.TrainConfig(grad_mode="custom_vjp")
@@ -56,6 +60,7 @@ PER_MODEL = ("learning_rate", "seed")
 
 
 def parse_args(argv):
+    """The command line (``argv``; None: ``sys.argv``) as an ``argparse.Namespace``; a bad flag exits with code 2."""
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--lr", type=cli.positive_float, nargs="+", metavar="LR", help="learning rates to try")
     p.add_argument(
@@ -105,6 +110,7 @@ def parse_args(argv):
 
 
 def address(text: str) -> str:
+    """``--coordinator``'s type: ``HOST:PORT``, checked (:func:`jaxbirds.distributed.check_address`)."""
     try:
         return distributed.check_address(text)
     except ConfigError as err:
@@ -120,6 +126,7 @@ def cluster(args) -> distributed.Cluster | None:
 
 
 def learning_rates(args) -> list[float]:
+    """The learning rates of ``--lr`` then ``--lr-range`` (default: :data:`DEFAULT_RATES`), not yet checked."""
     rates = list(args.lr or [])
     if args.lr_range:
         try:
@@ -133,6 +140,7 @@ def learning_rates(args) -> list[float]:
 
 
 def seed_count(args) -> int:
+    """How many seeds the flags ask for (``--seed-list``, ``--seeds``, default :data:`DEFAULT_SEEDS`)."""
     if args.seed_list:
         if args.seed is not None:
             raise ConfigError("--seed sets the first of --seeds N; with --seed-list, list every seed instead")
@@ -141,6 +149,7 @@ def seed_count(args) -> int:
 
 
 def seeds(args) -> list[int]:
+    """The seeds: ``--seed-list``, or ``--seeds N`` from ``--seed`` on."""
     if args.seed_list:
         return list(args.seed_list)
     first = DEFAULTS.seed if args.seed is None else args.seed
@@ -159,6 +168,7 @@ def rate_count(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run the sweep the command line ``argv`` describes (joining the processes it names); returns the exit code."""
     args = parse_args(argv)
     processes = cluster(args)
     if processes is not None:
@@ -179,70 +189,111 @@ def sweep_on_every_process(args) -> int:
 GRID_FLAGS = ("--lr", "--lr-range", "--seeds", "--seed-list", "--seed")
 
 
+class _Plan(NamedTuple):
+    """A sweep to run, checked: what it trains, on how many devices, and what a resumed one continues."""
+
+    dataset: data.Dataset
+    model_config: model.ModelConfig
+    train_config: train.TrainConfig  # what every model shares; its learning rate and seed are the first model's
+    members: tuple[sweep.Member, ...]
+    devices: int
+    processes: int
+    resumed: Checkpoint | None = None  # the saved sweep that --resume continues
+    history: np.ndarray | None = None  # its loss history, (K, step)
+    changes: Sequence[str] = ()  # a line per setting --resume changes
+
+
 def _sweep(args, held: contextlib.ExitStack) -> int:
+    """Check the flags (:func:`_checked_plan`), agree on the plan with every process, say it, and run it."""
     first = jax.process_index() == 0
     say = functools.partial(print, flush=True) if first else lambda *_: None
-    resumed, history, changes = None, None, []
+    plan = _checked_plan(args, held, first)
+    step = 0 if plan.resumed is None else plan.resumed.state.step
+    distributed.require_same(
+        repr((plan.members, plan.model_config, plan.train_config, plan.devices, plan.dataset.sha256, step)), "sweep"
+    )
+    _say_plan(plan, args.out, say)
+    options = sweep_runner.SweepOptions(
+        out=args.out, devices=plan.devices, plot=not args.no_plot, log_every=args.log_every
+    )
+    with cli.stop_requested() as stop:
+        return sweep_runner.run(
+            plan.dataset,
+            plan.model_config,
+            plan.train_config,
+            plan.members,
+            options,
+            stop.is_set,
+            log=sys.stdout,
+            resume_from=plan.resumed,
+            history=plan.history,
+        )
+
+
+def _checked_plan(args, held: contextlib.ExitStack, first: bool) -> _Plan:
+    """Every check of the flags, the data and the output directory, before anything is trained; on process 0
+    (``first``), claims ``--out`` for the sweep (held in ``held``) and checks that it can be written."""
     with distributed.agreed_errors():  # a process that refuses its input stops every process
         cli.use_compile_cache(args)
         if first:  # one sweep or run at a time in --out, from these checks to the last write
             held.enter_context(outputs.claimed(args.out))
-        if args.resume:
-            grid = [flag for flag in GRID_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
-            if grid:
-                raise ConfigError(f"{' '.join(grid)}: the models of a saved sweep are its own; --resume continues them")
-            asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
-            resumed, history, dataset, changes = sweep_runner.load_resumable(args.out, args.data, asked)
-            model_config, train_config = resumed.model_config, resumed.train_config
-            members = sweep_runner.members_of(resumed)
-            sweep.check_fits(model_config, train_config, len(members))
-        else:
-            dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
-            model_config = model.ModelConfig(
-                vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
-            )
-            given = cli.given(args, cli.TRAIN_FLAGS)
-            shared = {field: value for field, value in given.items() if field not in PER_MODEL}
-            # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
-            train_config = dataclasses.replace(DEFAULTS, **shared)
-            sweep.check_fits(model_config, train_config, max(rate_count(args) * seed_count(args), 1))  # before lists
-            members = sweep.grid(learning_rates(args), seeds(args))
+        plan = _resumed_plan(args) if args.resume else _new_plan(args)
         per_process = distributed.local_device_counts()
-        devices = sweep.choose_devices(len(members), args.devices, min(per_process) * len(per_process),
+        devices = sweep.choose_devices(len(plan.members), args.devices, min(per_process) * len(per_process),
                                        len(per_process))  # fmt: skip
-        train_config = dataclasses.replace(train_config, learning_rate=members[0].learning_rate, seed=members[0].seed)
+        first_model = plan.members[0]
+        train_config = dataclasses.replace(plan.train_config, learning_rate=first_model.learning_rate,
+                                           seed=first_model.seed)  # fmt: skip
         if first:  # only process 0 writes
             sweep_runner.prepare_output(args.out, args.overwrite, resume=args.resume)
             if not args.no_plot:
                 plots.require()
-    step = 0 if resumed is None else resumed.state.step
-    distributed.require_same(repr((members, model_config, train_config, devices, dataset.sha256, step)), "sweep")
-    if resumed is not None:
-        say(f"resuming the sweep in {args.out} at step {step:,} of {train_config.steps:,}"
-            + (f"; changed: {', '.join(changes)}" if changes else ""))  # fmt: skip
-    say(dataset.summary())
+    return plan._replace(train_config=train_config, devices=devices, processes=len(per_process))
+
+
+def _resumed_plan(args) -> _Plan:
+    """The sweep saved in ``--out``, with the changes the flags ask for (devices not chosen yet)."""
+    grid = [flag for flag in GRID_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+    if grid:
+        raise ConfigError(f"{' '.join(grid)}: the models of a saved sweep are its own; --resume continues them")
+    asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
+    resumed, history, dataset, changes = sweep_runner.load_resumable(args.out, args.data, asked)
+    members = sweep_runner.members_of(resumed)
+    sweep.check_fits(resumed.model_config, resumed.train_config, len(members))
+    return _Plan(dataset, resumed.model_config, resumed.train_config, members, 0, 0, resumed, history, changes)
+
+
+def _new_plan(args) -> _Plan:
+    """The sweep the flags describe (devices not chosen yet)."""
+    dataset = data.load_dataset(args.data or data.DEFAULT_DATA_PATH)
+    model_config = model.ModelConfig(
+        vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
+    )
+    given = cli.given(args, cli.TRAIN_FLAGS)
+    shared = {field: value for field, value in given.items() if field not in PER_MODEL}
+    # A sweep's config holds the settings every model shares; its rate and seed are the first model's.
+    train_config = dataclasses.replace(DEFAULTS, **shared)
+    sweep.check_fits(model_config, train_config, max(rate_count(args) * seed_count(args), 1))  # before lists
+    members = sweep.grid(learning_rates(args), seeds(args))
+    return _Plan(dataset, model_config, train_config, members, 0, 0)
+
+
+def _say_plan(plan: _Plan, out: Path, say) -> None:
+    """Print what the sweep continues (with --resume), its data, and its models."""
+    mc, tc, members = plan.model_config, plan.train_config, plan.members
+    if plan.resumed is not None:
+        say(f"resuming the sweep in {out} at step {plan.resumed.state.step:,} of {tc.steps:,}"
+            + (f"; changed: {', '.join(plan.changes)}" if plan.changes else ""))  # fmt: skip
+    say(plan.dataset.summary())
     rates = sorted({m.learning_rate for m in members})
     say(
         f"sweep: {len(members)} models (learning rates {', '.join(f'{r:g}' for r in rates)} × "
-        f"{len(members) // len(rates)} seeds) on {devices} device(s) ({jax.devices()[0].device_kind}"
-        f"{f', {len(per_process)} processes' if len(per_process) > 1 else ''}); "
-        f"{cli.describe_hidden(model_config.hidden)}, {model.param_count_for(model_config):,} parameters each; "
-        f"{train_config.optimizer}, lr drops {1 / train_config.decay_factor:g}x at step {train_config.decay_step:,}; "
-        f"batch {train_config.batch_size}; gradients: {train_config.grad_mode}; {train_config.steps:,} steps"
+        f"{len(members) // len(rates)} seeds) on {plan.devices} device(s) ({jax.devices()[0].device_kind}"
+        f"{f', {plan.processes} processes' if plan.processes > 1 else ''}); "
+        f"{cli.describe_hidden(mc.hidden)}, {model.param_count_for(mc):,} parameters each; "
+        f"{tc.optimizer}, lr drops {1 / tc.decay_factor:g}x at step {tc.decay_step:,}; "
+        f"batch {tc.batch_size}; gradients: {tc.grad_mode}; {tc.steps:,} steps"
     )
-    options = sweep_runner.SweepOptions(out=args.out, devices=devices, plot=not args.no_plot, log_every=args.log_every)
-    with cli.stop_requested() as stop:
-        return sweep_runner.run(
-            dataset,
-            model_config,
-            train_config,
-            members,
-            options,
-            stop.is_set,
-            log=sys.stdout,
-            resume_from=resumed,
-            history=history,
-        )
 
 
 if __name__ == "__main__":

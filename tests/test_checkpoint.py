@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jaxbirds import checkpoint, evaluate, model, train
-from jaxbirds.checkpoint import OLDEST_READ, VERSION, Checkpoint, CheckpointError, DataSource, LossLog
+from jaxbirds import checkpoint, checkpoint_writer, evaluate, model, train
+from jaxbirds.checkpoint import OLDEST_READ, VERSION, Checkpoint, CheckpointError, DataSource
+from jaxbirds.checkpoint_writer import LossLog
 from jaxbirds.data import Vocabulary
 
 
@@ -118,7 +119,7 @@ def test_saving_costs_the_same_whatever_the_length_of_the_run(tmp_path, ckpt):
 def test_writer_saves_in_the_background_and_keeps_every_loss(tmp_path, ckpt):
     log = LossLog(tmp_path / "losses.f32")
     log.truncate(0)
-    writer = checkpoint.Writer(tmp_path / "c.npz", log)
+    writer = checkpoint_writer.Writer(tmp_path / "c.npz", log)
     for step in (10, 20, 30):
         writer.submit(ckpt._replace(state=ckpt.state._replace(step=step)), np.full(10, step, np.float32))
     writer.close()
@@ -130,7 +131,7 @@ def test_writer_saves_in_the_background_and_keeps_every_loss(tmp_path, ckpt):
 def test_a_writer_error_surfaces_in_the_callers_thread(tmp_path, ckpt):
     (tmp_path / "blocked").write_text("a file where the checkpoint's directory should be")
     log = LossLog(tmp_path / "losses.f32")
-    writer = checkpoint.Writer(tmp_path / "blocked" / "c.npz", log)
+    writer = checkpoint_writer.Writer(tmp_path / "blocked" / "c.npz", log)
     writer.submit(ckpt, np.zeros(1, np.float32))
     with pytest.raises(OSError):
         writer.close()
@@ -557,7 +558,7 @@ def test_a_replacing_writer_writes_the_new_checkpoint_before_it_touches_the_old_
         raise KeyboardInterrupt  # stands for a kill -9 between the two writes
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)
-    writer = checkpoint.Writer(path, log, replacing=True, after_first=lambda: events.append("after"))
+    writer = checkpoint_writer.Writer(path, log, replacing=True, after_first=lambda: events.append("after"))
     new = original._replace(state=original.state._replace(step=2))
     writer.submit(new, np.array([1.0, 0.5], np.float32))
     with pytest.raises(KeyboardInterrupt):
@@ -568,7 +569,7 @@ def test_a_replacing_writer_writes_the_new_checkpoint_before_it_touches_the_old_
         log.read(saved.state.step, saved.loss_log_crc32)
 
     monkeypatch.setattr(checkpoint, "save", real_save)
-    writer = checkpoint.Writer(path, log, replacing=True, after_first=lambda: events.append("after"))
+    writer = checkpoint_writer.Writer(path, log, replacing=True, after_first=lambda: events.append("after"))
     writer.submit(new, np.array([1.0, 0.5], np.float32))
     writer.close()
     saved = checkpoint.load(path)
@@ -588,7 +589,7 @@ def test_the_writer_runs_at_most_one_checkpoint_behind(tmp_path, small, monkeypa
         written.append(ckpt.state.step)
 
     monkeypatch.setattr(checkpoint, "save", slow_save)
-    writer = checkpoint.Writer(tmp_path / "c.npz", LossLog(tmp_path / "losses.f32"))
+    writer = checkpoint_writer.Writer(tmp_path / "c.npz", LossLog(tmp_path / "losses.f32"))
     for step in range(1, 5):
         writer.submit(original._replace(state=original.state._replace(step=step)), np.zeros(1, np.float32))
         assert written[-1:] == ([step - 1] if step > 1 else [])  # the previous one is on disk, every one written

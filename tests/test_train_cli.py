@@ -1,5 +1,6 @@
 """scripts/train.py and scripts/sample.py end to end, on small configurations."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from conftest import ROOT
 from test_gradcheck import load_script
 
 from jaxbirds import checkpoint, cli, evaluate, model, runner, sample, train
-from jaxbirds.checkpoint import LossLog
+from jaxbirds.checkpoint_writer import LossLog
 
 SMALL = ["--hidden", "16", "--chunk", "500", "--log-every", "500", "--samples", "3"]
 
@@ -79,6 +80,12 @@ def test_a_short_run_writes_checkpoint_metrics_and_plot(train_script, tmp_path, 
         (["--decay-step", "3000000000"], "2**31"),
         (["--batch-size", "3000000000"], "2**31"),
         (["--steps", "3000000000", "--chunk", "3000000000"], "2**31"),
+        (["--hidden"], "argument --hidden: expected at least one argument"),
+        (["--hidden", "0"], "argument --hidden: must be a positive integer, got 0"),
+        (["--hidden", "16", "-3"], "argument --hidden: must be a positive integer, got -3"),
+        (["--hidden", "16", "0"], "argument --hidden: must be a positive integer, got 0"),
+        (["--hidden", "16", "x"], "argument --hidden: invalid positive_int value: 'x'"),
+        (["--hidden", "16", "100000000"], "memory"),  # the second block's 16 x 1e8 weights
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(train_script, tmp_path, capsys, args, message):
@@ -86,6 +93,35 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(train_script, tmp_path, cap
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_hidden_takes_a_width_per_block(train_script, dataset):
+    for flags, hidden in [([], (200,)), (["--hidden", "16"], (16,)), (["--hidden", "16", "8"], (16, 8))]:
+        model_config, _ = train_script.new_configs(train_script.parse_args(flags), dataset)
+        assert model_config.hidden == hidden and model_config.depth == len(hidden)
+    assert cli.given(train_script.parse_args(["--hidden", "16", "8"]), cli.MODEL_FLAGS) == {"hidden": (16, 8)}
+    assert cli.describe_hidden((200,)) == "hidden 200"
+    assert cli.describe_hidden((100,) * 4) == "hidden 100 100 100 100 (4 blocks)"
+
+
+@pytest.mark.slow
+def test_a_run_of_two_blocks_trains_samples_and_resumes(train_script, tmp_path, capsys):
+    args = ["--hidden", "16", "12", "--steps", "500", "--chunk", "250", "--samples", "2", "--no-plot"]
+    code, out, err = run_cli(train_script, [*args, "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "hidden 16 12 (2 blocks)" in out
+    saved = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert saved.model_config.hidden == (16, 12) and [s.var.shape for s in saved.stats] == [(1, 16), (1, 12)]
+    assert strict_json(tmp_path / "metrics.json")["parameters"] == model.param_count_for(saved.model_config)
+    code, out, _ = run_cli(load_script("sample"), ["--checkpoint", str(tmp_path / "checkpoint.npz"), "--count", "3"],
+                           capsys)  # fmt: skip
+    assert code == 0 and len(out.strip().splitlines()) == 3 + 2
+    code, _, err = run_cli(train_script, ["--resume", "--hidden", "16", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--hidden 16 (the run's is 16 12)" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(train_script, ["--resume", "--hidden", "16", "12", "--steps", "750", "--out",
+                                            str(tmp_path)], capsys)  # fmt: skip
+    assert code == 0 and "resuming" in out and "--steps 500 -> 750" in out, err
+    assert checkpoint.load(tmp_path / "checkpoint.npz").state.step == 750
 
 
 def test_empty_data_file_and_bad_checkpoints(train_script, tmp_path, capsys):
@@ -161,6 +197,7 @@ def test_a_new_run_never_replaces_a_saved_one_unasked(train_script, tmp_path, ca
 def test_resume_applies_what_may_change_and_refuses_the_rest(train_script, tmp_path, capsys):
     assert run_cli(train_script, ["--steps", "500", *SMALL, "--no-plot", "--out", str(tmp_path)], capsys)[0] == 0
     for flags, message in [(["--hidden", "64"], "--hidden 64"), (["--grad", "manual"], "--grad manual"),
+                           (["--hidden", "16", "16"], "--hidden 16 16 (the run's is 16)"),
                            (["--optimizer", "adam"], "--optimizer adam"), (["--seed", "1"], "--seed 1"),
                            (["--batch-size", "8"], "--batch-size 8"), (["--steps", "100"], "below")]:  # fmt: skip
         code, _, err = run_cli(train_script, ["--resume", *flags, "--out", str(tmp_path)], capsys)
@@ -334,6 +371,36 @@ def test_a_stop_during_evaluation_ends_the_run_at_once_with_the_state_saved(data
     assert code == runner.INTERRUPTED and "interrupted during evaluation" in out and "--resume" in out
     assert checkpoint.load(tmp_path / "checkpoint.npz").state.step == 300
     assert not (tmp_path / "metrics.json").exists() and "loss (batch norm" not in out
+
+
+def test_a_stop_during_training_keeps_the_last_chunk_and_skips_the_end_of_the_run(dataset, tmp_path, capsys):
+    """The stop request comes after the first of three chunks: exit 130 with the command that continues,
+    that chunk's state and losses saved, and none of the phases that follow training (evaluation,
+    samples, loss.png, metrics.json)."""
+    start = small_start(dataset, steps=900)
+    start = start._replace(train_config=dataclasses.replace(start.train_config, chunk_size=300))
+    options = runner.RunOptions(out=tmp_path, samples=3, plot=True)
+    code = runner.run(dataset, start, options, should_stop=lambda: True, log=sys.stdout)
+    out = capsys.readouterr().out
+    assert code == runner.INTERRUPTED and "interrupted at step 300:" in out and "--resume" in out
+    saved = checkpoint.load(tmp_path / "checkpoint.npz")
+    assert saved.state.step == 300 and saved.stats is None
+    assert len(LossLog(tmp_path / "losses.f32").read(300, saved.loss_log_crc32)) == 300
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.npz", "losses.f32"]
+    assert "loss (batch norm" not in out and "samples" not in out
+
+
+def test_a_progress_line_comes_once_log_every_more_steps_are_done_and_at_the_last_step(dataset, tmp_path, capsys):
+    """Chunks of 200 steps, a line every 300: after the chunks that pass 300, 600, 900 and 1,200, and after
+    the last one (1,400, short of 1,500); each line's loss is the mean of the last 300 steps' losses."""
+    start = small_start(dataset, steps=1400)
+    start = start._replace(train_config=dataclasses.replace(start.train_config, chunk_size=200))
+    options = runner.RunOptions(out=tmp_path, samples=0, plot=False, log_every=300)
+    assert runner.run(dataset, start, options, log=sys.stdout) == runner.OK
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line[1] for line in lines] == ["400/1,400", "600/1,400", "1,000/1,400", "1,200/1,400", "1,400/1,400"]
+    losses = LossLog(tmp_path / "losses.f32").read(1400)
+    assert lines[0][3] == f"{np.mean(losses[100:400]):.4f}" and lines[-1][3] == f"{np.mean(losses[1100:]):.4f}"
 
 
 def test_an_overwrite_that_diverges_in_its_first_chunk_replaces_the_old_run_cleanly(train_script, tmp_path, capsys):
