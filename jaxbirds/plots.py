@@ -34,8 +34,7 @@ def preload() -> None:
     """
     import io
 
-    fig = _figure((2, 2))
-    ax = fig.subplots()
+    fig, ax = subplots(figsize=(2, 2))
     ax.plot([0, 1])
     ax.set_title("warm-up")
     fig.savefig(io.BytesIO(), format="png")
@@ -84,7 +83,7 @@ def dlogits_heatmap(dlogits: np.ndarray, labels: np.ndarray, chars: Sequence[str
     ax.set_title("dloss/dlogits = (softmax - onehot(target)) / n")
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.12), fontsize=8)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    return write(fig, path)
+    return save_png(fig, path)
 
 
 def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
@@ -110,7 +109,7 @@ def tolerance_bars(tables: dict[str, Sequence], path: Path) -> Path:
         ax.set_xticks(range(len(rows)), labels=[r.name for r in rows], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("max diff / allowed")
         ax.set_title(f"{title}\n(below the dashed line: within tolerance; red: outside)", fontsize=10)
-    return write(fig, path)
+    return save_png(fig, path)
 
 
 def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = "training loss") -> Path:
@@ -118,8 +117,7 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
 
     May run on a background thread: no pyplot (see :func:`_figure`).
     """
-    fig = _figure((8, 4.5))
-    ax = fig.subplots()
+    fig, ax = subplots(figsize=(8, 4.5))
     if len(losses) >= window:
         ax.plot(*_window_means(losses, window))
         ax.set_xlabel(f"step (mean over windows of {window:,})")
@@ -129,7 +127,7 @@ def loss_curve(losses: np.ndarray, path: Path, window: int = 1000, title: str = 
     ax.set_ylabel("log10(loss)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return write(fig, path)
+    return save_png(fig, path)
 
 
 def window_for(steps: int, window: int) -> int:
@@ -145,8 +143,12 @@ def _window_means(losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarr
     return np.arange(len(means)) * window + window / 2, means
 
 
-def write(fig, path: Path) -> Path:
-    """Save a figure of the object-oriented API (see :func:`_figure`) as a PNG, creating its directory."""
+def save_png(fig, path: Path) -> Path:
+    """Save a figure of the object-oriented API (see :func:`_figure`) as a PNG at ``path``, creating its directory.
+
+    Returns:
+        ``path``, as a ``Path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -159,8 +161,7 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     """A sweep at a glance. Left: the dev loss against the learning rate (log scale), each seed a
     dot, the mean over seeds with ± one standard deviation; diverged runs are left out. Right: every
     model's training loss (log10, averaged over windows of ``window`` steps), coloured by rate."""
-    fig = _figure((12, 4.5))
-    left, right = fig.subplots(1, 2)
+    fig, (left, right) = subplots(1, 2, figsize=(12, 4.5))
     rates = [row["learning_rate"] for row in summary]
     colours = {lr: f"C{i % 10}" for i, lr in enumerate(rates)}
     for run in runs:
@@ -189,4 +190,4 @@ def sweep_figure(summary: Sequence[dict], runs: Sequence[dict], losses: np.ndarr
     right.set_title("training loss of every model")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    return write(fig, path)
+    return save_png(fig, path)

@@ -1,7 +1,7 @@
 """The benchmark report: the tables of ``scripts/bench.py`` written into marked blocks of a markdown file.
 
 A block is the text between two markers, each on a line of its own, that name
-a study (a key of :data:`jaxbirds.bench.TABLES`)::
+a study (a key of :data:`jaxbirds.bench.STUDIES`)::
 
     <!-- bench:dispatch -->
     (generated: the study's table, then one line saying which command filled it, on what, when)
@@ -25,8 +25,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from jaxbirds import bench
-from jaxbirds.checkpoint import _write_atomically
+from jaxbirds import bench, cli, model
+from jaxbirds.checkpoint import write_atomically
 from jaxbirds.errors import OutputError
 
 #: ``<!-- bench:NAME -->`` opens a block, ``<!-- /bench:NAME -->`` closes it, each on a line of its own
@@ -144,15 +144,17 @@ def _setting(value) -> str:
 
 
 def provenance(results: Mapping, name: str, rendered_by: str | None = None) -> str:
-    """One line under a table: the study's title, the command that measured it, when, in how many seconds, on what.
+    """One line under a table: the study's title, the command that measured it, when, in how many seconds, on what
+    model and machine.
 
     Args:
-        results: what ``scripts/bench.py`` saves: ``environment``, ``command``, ``date`` and
-            ``study_seconds`` (each may be missing from an older file: then it says so).
+        results: what ``scripts/bench.py`` saves: ``environment``, ``command``, ``date``, ``study_seconds`` and
+            ``hidden`` (each may be missing from an older file: then it says so; a file without ``hidden``
+            predates ``--hidden``, and measured the default model).
         name: the study.
         rendered_by: the command that wrote saved results into the file, if not the one that measured them.
     """
-    title = bench.TABLES[name][0]
+    title = bench.STUDIES[name].title
     command = results.get("command")
     seconds = results.get("study_seconds", {}).get(name)
     took = f"the {name} study took {seconds:.0f} s, compiles included" if seconds is not None else "time not recorded"
@@ -160,7 +162,9 @@ def provenance(results: Mapping, name: str, rendered_by: str | None = None) -> s
     line = (
         f"*{title}.* Measured by `{command}`" if command else f"*{title}.* Measured by a run that recorded no command"
     )
-    line += f" on {results.get('date', 'a date not recorded')} ({took}); machine: {machine or 'not recorded'}."
+    hidden = results.get("hidden") or model.ModelConfig().hidden
+    line += f" on {results.get('date', 'a date not recorded')} ({took}); model: {cli.describe_hidden(hidden)}; "
+    line += f"machine: {machine or 'not recorded'}."
     if rendered_by:
         line += f" Written here from its saved results by `{rendered_by}`."
     return line
@@ -173,8 +177,7 @@ def _as_measured(row: Mapping) -> dict:
 
 def render(results: Mapping, name: str, rendered_by: str | None = None) -> str:
     """The inside of a study's block: a blank line, its table, a blank line, its :func:`provenance`, a newline."""
-    _, columns = bench.TABLES[name]
-    table = bench.markdown_table([_as_measured(row) for row in results[name]], columns)
+    table = bench.STUDIES[name].table([_as_measured(row) for row in results[name]])
     return f"\n{table}\n\n{provenance(results, name, rendered_by)}\n"
 
 
@@ -190,7 +193,7 @@ def read(path: Path) -> str:
 
 def check_file(path: Path, names: Iterable[str]) -> None:
     """Before the suite runs: ``path`` can be read and has a well-formed block for each study of ``names``."""
-    check(read(path), list(names), bench.TABLES, str(path))
+    check(read(path), list(names), bench.STUDIES, str(path))
 
 
 def update_file(path: Path, results: Mapping, names: Iterable[str], rendered_by: str | None = None) -> list[str]:
@@ -203,9 +206,9 @@ def update_file(path: Path, results: Mapping, names: Iterable[str], rendered_by:
     """
     filled = [name for name in names if results.get(name)]
     text = read(path)
-    new = rewrite(text, {name: render(results, name, rendered_by) for name in filled}, bench.TABLES, str(path))
+    new = rewrite(text, {name: render(results, name, rendered_by) for name in filled}, bench.STUDIES, str(path))
     try:
-        _write_atomically(Path(path), new.encode("utf-8"))
+        write_atomically(Path(path), new.encode("utf-8"))
     except OSError as err:
         raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
     return filled
