@@ -79,6 +79,7 @@ def wait_for_progress(procs, tmp_path) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains_bit_for_bit(tmp_path, capsys):
     """Two devices in each process, two models: the mesh takes one device of each process (the first
     two devices of all, both in process 0, would leave process 1 nothing to train)."""
@@ -102,6 +103,7 @@ def test_two_processes_train_what_one_process_trains_bit_for_bit(tmp_path, capsy
     assert losses[0] == losses[1] and len(losses[0]) == 4 * 300
 
 
+@pytest.mark.slow
 def test_an_input_only_one_process_refuses_ends_both_with_the_same_error_line(tmp_path):
     """Process 0 alone is given an --out it cannot make (it alone checks --out: it alone writes)."""
     (tmp_path / "a-file").write_text("")
@@ -126,6 +128,7 @@ def test_processes_given_different_sweeps_are_refused_with_the_same_error_line(t
     ] * 2  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ctrl_c_reaching_one_process_stops_both_after_the_same_chunk_and_saves(tmp_path):
     """SIGINT to process 1, which prints nothing: process 0 learns of it through the agreed stop."""
     with two_processes(tmp_path, [*GRID, "--steps", "100000"]) as procs:

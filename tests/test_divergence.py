@@ -70,6 +70,7 @@ def train_script():
     ],
     ids=["statistics overflow", "losses explode", "custom_vjp"],
 )
+@pytest.mark.slow
 def test_a_run_whose_evaluation_overflows_has_diverged(train_script, tmp_path, capsys, args, problem):
     """Training losses stay finite (~1e9 to 1e19), the evaluation does not: exit 1, the divergence
     message with a command that starts again, no nan anywhere, no metrics, the trained state kept."""
@@ -87,6 +88,7 @@ def test_a_run_whose_evaluation_overflows_has_diverged(train_script, tmp_path, c
     assert code == 2 and "has diverged" in err and len(err.strip().splitlines()) == 1 and not out
 
 
+@pytest.mark.slow
 def test_a_sweep_model_whose_losses_explode_counts_as_diverged(tmp_path, capsys):
     """The sweep uses the same definition: a model with finite but exploded losses is diverged too."""
     args = ["--hidden", "16", "--chunk", "500", "--steps", "1000", "--lr", "1e9", "0.1", "--seeds", "1", "--no-plot"]

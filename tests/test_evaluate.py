@@ -247,6 +247,7 @@ def test_split_loss_at_depth_two_equals_the_models_loss_with_those_statistics(da
     assert evaluate.split_loss(params, swapped, X, Y, batch=8) != pytest.approx(loss, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_stacked_models_at_depth_two_equal_each_model_alone(dataset):
     """Three two-block models stacked and evaluated together (``models=True``, one vmapped program per batch)
     give each model's own statistics (K, 1, H_l) and losses."""

@@ -128,6 +128,7 @@ def test_one_noise_sample_can_come_out_small_by_chance(dataset):
     assert default["hprebn[1]"] > 10 * one["hprebn[1]"], (one["hprebn[1]"], default["hprebn[1]"])
 
 
+@pytest.mark.slow
 def test_the_closed_forms_own_noise_is_in_the_allowance(dataset):
     """At batch 2, hidden 4, seed 29 the custom_vjp rules' own rounding noise on W1 is 11 times the
     reference's (the closed form cancels differently): with the reference's noise alone correct code
@@ -433,6 +434,7 @@ def test_script_checks_its_inputs_and_outputs_before_any_work(tmp_path, capsys):
 DEEP = (8, 6, 5)  # three blocks of different widths, so that a tensor read from the wrong block has the wrong shape
 
 
+@pytest.mark.slow
 def test_deep_tables_cover_every_block_and_group_by_layer(dataset):
     params, X, Y = problem(dataset, 16, DEEP, 3, jnp.float32)
     tables = gradcheck.all_tables(params, X, Y, TOL)

@@ -78,6 +78,7 @@ def tangents_like(seed, *arrays):
 @settings(max_examples=5, deadline=None)  # every new shape is a new compile
 @given(n=st.integers(2, 64), classes=st.integers(2, 64), hidden=st.integers(1, 64), log_scale=st.floats(-2, 3),
        seed=st.integers(0, 2**16), x64=st.booleans())  # fmt: skip
+@pytest.mark.slow
 def test_forward_mode_matches_jax_over_random_shapes_scales_and_precisions(n, classes, hidden, log_scale, seed, x64):
     """jax.jvp through the rules against jax.jvp of the plain operations, float32 and float64."""
     dtype = jnp.float64 if x64 else jnp.float32
@@ -160,6 +161,7 @@ def test_hessian_through_the_custom_jvp_model(tiny):
 
 
 @pytest.mark.parametrize("rules", ["custom_vjp", "custom_jvp"])
+@pytest.mark.slow
 def test_reverse_over_reverse_agrees_for_every_rule_set(tiny, rules):
     """grad of the squared gradient norm: JAX differentiates the hand-written backward rule
     (custom_vjp) or the transposed forward rule (custom_jvp) a second time."""

@@ -54,6 +54,7 @@ def test_fused_pass_over_random_shapes_float64(dataset, batch, hidden, seed):
     assert all(r.close for r in rows), gradcheck.format_table(rows, "fused")
 
 
+@pytest.mark.slow
 def test_a_tie_for_the_row_maximum_splits_its_gradient_like_jax(dataset):
     """Two logit columns made identical (same weights, same bias, above the rest): every row's maximum
     is a tie. JAX's max rule splits the gradient equally between the tied entries; the atomic pass
@@ -136,6 +137,7 @@ def test_atomic_pass_is_bitwise_at_depth_three(dataset, dtype):
         np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_fused_pass_is_close_at_depth_two(dataset):
     tol = gradcheck.tolerance_for(np.float64)
     with jax.enable_x64(True):

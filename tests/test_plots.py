@@ -51,6 +51,7 @@ print(json.dumps({"backend": matplotlib.get_backend(), "pyplot": "matplotlib.pyp
 """
 
 
+@pytest.mark.slow
 def test_every_figure_is_a_png_drawn_without_touching_the_backend_or_pyplot(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", DRAW_EVERY_FIGURE, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120

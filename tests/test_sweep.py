@@ -44,6 +44,7 @@ def solo_losses(dataset):
 
 
 @pytest.mark.parametrize("group", [4, 2, 1], ids=["one vmapped group", "two groups of 2", "4 groups of 1"])
+@pytest.mark.slow
 def test_model_k_of_a_sweep_trains_like_its_solo_run(dataset, solo_losses, group):
     """Four models: one group of 4; two vmapped groups of 2, one after the other (lax.map); four
     groups of 1, each run unbatched."""
@@ -274,6 +275,7 @@ def test_a_short_sweep_draws_every_model_s_curve(tmp_path, monkeypatch):
     assert plots.window_for(200_000, 1000) == 1000 and plots.window_for(5, 1000) == 1
 
 
+@pytest.mark.slow
 def test_a_stopped_sweep_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_one(dataset, tmp_path):
     """The sweep's state is saved after every chunk; a sweep stopped after its first chunk and resumed from
     that checkpoint reaches the same losses, bit for bit (sgd), as one that ran straight through."""
@@ -375,6 +377,7 @@ def test_the_models_evaluated_together_give_each_model_s_own_evaluation(dataset)
     assert len({round(e.loss["dev"], 6) for e in together}) == 4  # four different models
 
 
+@pytest.mark.slow
 def test_a_stop_during_a_sweep_s_evaluation_ends_it_at_once_with_the_state_saved(dataset, tmp_path, capsys):
     """Training done, a stop request arrives: the (vmapped) evaluation, polled between batches, ends at
     once with exit 130; the models' state is saved and --resume evaluates it."""

@@ -150,6 +150,7 @@ def test_a_checkpoint_from_other_data_is_refused(train_script, tmp_path, capsys)
     assert code == 0 and "resuming" in out  # without --data, the run's own data file
 
 
+@pytest.mark.slow
 def test_divergence_says_where_keeps_the_last_finite_state_and_advises_a_command_that_works(
     train_script, tmp_path, capsys
 ):
