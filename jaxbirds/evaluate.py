@@ -260,7 +260,7 @@ def calibrate(
 
     ``mean_l = (1/n) sum_i hprebn[l]_i``, ``var_l = 1/(n-1) sum_i (hprebn[l]_i - mean_l)^2``,
     the same estimator training-mode batch norm uses on each minibatch, with the blocks before
-    ``l`` in evaluation mode with their statistics just computed. (That is block ``l - 1`` run in
+    ``l`` in evaluation mode with their statistics just computed. (That is blocks ``1 .. l-1`` run in
     training mode on the whole split at once: the whole split's statistics are the calibrated ones.)
     Two passes per block for an accurate variance: the mean first, then the squared deviations
     from it. Block 1's ``hprebn`` comes from the lookup tables (module docstring), computed once.

@@ -8,13 +8,13 @@
   ``p_t`` (``dloss/dp_t = dloss/dt``). Both sides read one shared forward pass
   (``jax.vjp`` returns the intermediates with the pullback), as in the tutorial,
   where both backward passes read the same forward tensors.
-* :func:`method_vs_reference` - every other gradient mode of
+* :func:`mode_vs_reference` - every other gradient mode of
   :mod:`jaxbirds.modes` (the fused manual pass, ``jax.grad`` through the
   custom-VJP rules or through the custom-JVP rules, which JAX transposes)
   against ``jax.grad`` of the plain model: parameters, ``logits`` and each
   block's ``hprebn[l]`` (:func:`boundary`). Each side runs its own forward pass
   (the fused pass records what it needs from it).
-* :func:`summary_table` - all methods side by side; :func:`by_layer` - a
+* :func:`summary_table` - all modes side by side; :func:`by_layer` - a
   table's rows grouped per layer, as the script prints them; :func:`backward_jaxprs` -
   what each rule set's backward pass of batch norm compiles from.
 * :func:`compare` - the tutorial's ``cmp``, extended: exact (bitwise), close
@@ -35,7 +35,7 @@ Every reference is :func:`jaxbirds.model.forward`, the forward pass that trains.
   by a factor of ten.
 * ``noise * N_T`` is rounding noise, measured on the spot: ``N_T`` is the larger
   of the reference's own noise and (for the fused pass and the custom rules)
-  the method's own, each ``max|m_T(float32) - m_T(float64)|`` for that method
+  the mode's own, each ``max|m_T(float32) - m_T(float64)|`` for that mode
   ``m`` (in a float64 check, scaled down by the ratio of the two unit
   roundoffs). Where the exact gradient is zero or nearly so, the computed values
   are pure rounding noise and no order of operations is more right than
@@ -65,7 +65,7 @@ smaller than the one-sample figure). Over hidden 1-4, batch 2-8 and 30 seeds
 (float32), with the reference's noise alone the worst share of the allowance
 any correct tensor used was 1.9 with one sample, 1.06 with two, and 0.74 with
 three to twelve: the remaining 0.74 was not bad luck but the closed forms'
-larger noise at batch 2, hence the method's own noise in ``N_T``. With both
+larger noise at batch 2, hence the mode's own noise in ``N_T``. With both
 (measured on CPU), the worst share of any correct tensor, by samples 1 / 8 / 16:
 
 ==================  =====================  =====================
@@ -79,7 +79,7 @@ batch 16-64         0.025 / 0.023 / 0.022  < 0.001
 (hidden 1-4 x 30 seeds below batch 16; hidden 8, 64, 256 x 5 seeds from 16.)
 Eight samples keep a tensor of two entries from drawing its noise small by
 chance (one sample was 30 times too small in the case above) at little cost:
-one compiled program per method, run once per sample, ~1 s of compilation
+one compiled program per mode, run once per sample, ~1 s of compilation
 and milliseconds per sample at the default sizes. A rule off by 1e-4 (in
 batch norm's custom_vjp rule, 10 seeds, hidden 64) fails at batch 3, 4 and 32
 in 10 of 10 seeds in float32 (share of the allowance 2.2 at least) and at every
@@ -162,7 +162,7 @@ class Row(NamedTuple):
     max_abs: float  # max |ours - ref|
     allowed: float  # the largest max_abs that passes
     max_ref: float  # max |ref|, to put the differences in scale
-    noise: float  # the measured rounding noise on this tensor (the larger of the reference's and the method's)
+    noise: float  # the measured rounding noise on this tensor (the larger of the reference's and the mode's)
 
     @property
     def max_rel(self) -> float:
@@ -267,16 +267,16 @@ def boundary(depth: int) -> tuple[str, ...]:
     return ("logits", *(layer_name("hprebn", layer) for layer in range(depth, 0, -1)))
 
 
-def method_vs_reference(params: Params, X: jax.Array, Y: jax.Array, method: str) -> tuple[dict, dict]:
+def mode_vs_reference(params: Params, X: jax.Array, Y: jax.Array, mode: str) -> tuple[dict, dict]:
     """A gradient mode other than the atomic pass (``manual``, ``custom_vjp``, ``custom_jvp``, ...) and
     ``jax.grad`` of the plain model: every parameter and the :func:`boundary` intermediates. Each side
     runs its own forward pass (the fused pass records what it needs from it)."""
-    return _method_vs_reference(params, X, Y, method, boundary(depth_of(params)))
+    return _mode_vs_reference(params, X, Y, mode, boundary(depth_of(params)))
 
 
-@functools.partial(jax.jit, static_argnames=("method", "names"))
-def _method_vs_reference(params, X, Y, method: str, names: tuple[str, ...]) -> tuple[dict, dict]:
-    return method_gradients(params, X, Y, method, names), gradients(params, X, Y, REFERENCE, names)
+@functools.partial(jax.jit, static_argnames=("mode", "names"))
+def _mode_vs_reference(params, X, Y, mode: str, names: tuple[str, ...]) -> tuple[dict, dict]:
+    return mode_gradients(params, X, Y, mode, names), gradients(params, X, Y, REFERENCE, names)
 
 
 #: How many independent float32-vs-float64 samples :func:`reference_noise` takes (see the module docstring).
@@ -317,12 +317,12 @@ def noise_inputs(params32: Params, X, Y, seed: int, samples: int) -> list[tuple[
 REFERENCE = "autodiff"
 
 
-def method_gradients(params: Params, X, Y, method: str, names: tuple[str, ...]) -> dict[str, jax.Array]:
-    """What ``method`` computes, keyed as in the tables: a gradient mode of :data:`jaxbirds.modes.MODES`
+def mode_gradients(params: Params, X, Y, mode: str, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """What ``mode`` computes, keyed as in the tables: a gradient mode of :data:`jaxbirds.modes.MODES`
     (``manual``: the fused pass, which reports the :func:`boundary` intermediates only), or ``jax.grad``
     under a rule set of :data:`jaxbirds.model.RULE_SETS` (``tutorial``: the reference of the atomic pass)."""
-    if method != "manual":
-        rules = modes.MODES[method].rules if method in modes.MODES else method
+    if mode != "manual":
+        rules = modes.MODES[mode].rules if mode in modes.MODES else mode
         return gradients(params, X, Y, rules, names)
     if not set(names) <= set(boundary(depth_of(params))):
         raise ValueError(f"the fused pass reports {boundary(depth_of(params))} only, not {names}")
@@ -330,21 +330,21 @@ def method_gradients(params: Params, X, Y, method: str, names: tuple[str, ...]) 
     return {**{name: got.inner[name] for name in names}, **got.grads}
 
 
-@functools.partial(jax.jit, static_argnames=("method", "names"))
-def noise_sample(params32: Params, X, Y, method: str, names: tuple[str, ...]) -> dict[str, jax.Array]:
-    """``max|m(float32) - m(float64)|`` per tensor, for ``m`` the :func:`method_gradients` of ``method``
+@functools.partial(jax.jit, static_argnames=("mode", "names"))
+def noise_sample(params32: Params, X, Y, mode: str, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """``max|m(float32) - m(float64)|`` per tensor, for ``m`` the :func:`mode_gradients` of ``mode``
     at float32 parameters (the float64 side at the same values). Needs float64 enabled."""
-    low = method_gradients(params32, X, Y, method, names)
-    high = method_gradients(jax.tree.map(lambda a: a.astype(jnp.float64), params32), X, Y, method, names)
+    low = mode_gradients(params32, X, Y, mode, names)
+    high = mode_gradients(jax.tree.map(lambda a: a.astype(jnp.float64), params32), X, Y, mode, names)
     return {k: jnp.max(jnp.abs(low[k].astype(jnp.float64) - high[k])) for k in high}
 
 
-def noise_samples(params32: Params, X, Y, seed: int, method: str, names: tuple[str, ...], samples: int):
+def noise_samples(params32: Params, X, Y, seed: int, mode: str, names: tuple[str, ...], samples: int):
     """:func:`noise_sample` for each of the ``samples`` variants of :func:`noise_inputs`: a dict of
     ``(samples,)`` arrays. One compiled program, run once per sample (as the unbatched program, so
     that each rounds as the check's own program does; a loop or ``vmap`` in one program compiles
     several times slower, or batches the products differently)."""
-    per_sample = [noise_sample(p, x, y, method, names) for p, x, y in noise_inputs(params32, X, Y, seed, samples)]
+    per_sample = [noise_sample(p, x, y, mode, names) for p, x, y in noise_inputs(params32, X, Y, seed, samples)]
     return {k: np.array([float(d[k]) for d in per_sample]) for k in per_sample[0]}
 
 
@@ -352,12 +352,12 @@ def reference_noise(
     params: Params,
     X,
     Y,
-    method: str,
+    mode: str,
     names: tuple[str, ...],
     samples: int = NOISE_SAMPLES,
     seed: int = 0,
 ) -> dict[str, float]:
-    """The rounding noise of ``method`` (see :func:`method_gradients`) per tensor, in units of ``params``'
+    """The rounding noise of ``mode`` (see :func:`mode_gradients`) per tensor, in units of ``params``'
     dtype: the largest ``max|m(float32) - m(float64)|`` over ``samples`` variants of the problem
     (:func:`noise_inputs`).
 
@@ -369,7 +369,7 @@ def reference_noise(
     dtype = params["W1"].dtype
     with jax.enable_x64(True), jax.default_matmul_precision(PRECISION):
         params32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-        per_sample = noise_samples(params32, X, Y, seed, method, names, samples)
+        per_sample = noise_samples(params32, X, Y, seed, mode, names, samples)
         diff = {k: float(jnp.max(v)) for k, v in per_sample.items()}
     scale = float(jnp.finfo(dtype).eps / jnp.finfo(jnp.float32).eps)
     return {k: v * scale for k, v in diff.items()}
@@ -419,11 +419,11 @@ def boundary_noise(params: Params, X, Y) -> dict[str, float]:
     return reference_noise(params, X, Y, REFERENCE, boundary(depth_of(params)))
 
 
-def method_rows(
+def mode_rows(
     params: Params,
     X,
     Y,
-    method: str,
+    mode: str,
     tol: Tolerance,
     noise: dict[str, float] | None = None,
     own_noise: dict[str, float] | None = None,
@@ -431,15 +431,15 @@ def method_rows(
     """Table rows for a gradient mode other than the atomic pass (``manual``, ``custom_vjp``,
     ``custom_jvp``, ...): the :func:`boundary` intermediates, then every parameter.
 
-    ``noise``: the reference's (:func:`boundary_noise`); ``own_noise``: the method's own
-    (:func:`reference_noise` of ``method``). Each is measured here when not given; the allowance
+    ``noise``: the reference's (:func:`boundary_noise`); ``own_noise``: the mode's own
+    (:func:`reference_noise` of ``mode``). Each is measured here when not given; the allowance
     uses the larger (see the module docstring).
     """
     names = boundary(depth_of(params))
     noise = noise or boundary_noise(params, X, Y)
-    own_noise = own_noise or reference_noise(params, X, Y, method, names)
+    own_noise = own_noise or reference_noise(params, X, Y, mode, names)
     with jax.default_matmul_precision(PRECISION):
-        ours, ref = method_vs_reference(params, X, Y, method)
+        ours, ref = mode_vs_reference(params, X, Y, mode)
     return _rows(ours, ref, noisier(noise, own_noise), (*names, *params), tol)
 
 
@@ -472,7 +472,7 @@ def all_tables(params: Params, X, Y, tol: Tolerance) -> dict[str, list[Row]]:
     """Every gradient mode's table against ``jax.grad``, keyed by mode (the reference noise measured once)."""
     noise = boundary_noise(params, X, Y)
     return {
-        mode: atomic_rows(params, X, Y, tol) if mode == "atomic" else method_rows(params, X, Y, mode, tol, noise)
+        mode: atomic_rows(params, X, Y, tol) if mode == "atomic" else mode_rows(params, X, Y, mode, tol, noise)
         for mode in checked_modes()
     }
 
@@ -501,11 +501,11 @@ def by_layer(rows: Sequence[Row], depth: int) -> dict[str, list[Row]]:
 
 
 def summary_table(tables: Mapping[str, list[Row]], title: str) -> str:
-    """One table, one column per method, over the tensors every method reports: each tensor's largest
+    """One table, one column per mode, over the tensors every mode reports: each tensor's largest
     difference as a share of its allowance ("exact" when bitwise equal, bold when over 1)."""
     reported = [{row.name for row in rows} for rows in tables.values()]
     names = [row.name for row in next(iter(tables.values())) if all(row.name in r for r in reported)]
-    cells = {(method, row.name): row for method, rows in tables.items() for row in rows}
+    cells = {(mode, row.name): row for mode, rows in tables.items() for row in rows}
 
     def cell(row: Row) -> str:
         if row.exact:

@@ -106,7 +106,7 @@ def _batch_norm_jvp(eps, primals, tangents):
     return y, dgain * x_hat + gain * dx_hat + dbias
 
 
-RULES = RuleSet(
+RULE_SET = RuleSet(
     name="custom_jvp",
     summary="hand-written forward-mode rules (jax.custom_jvp) for batch norm and cross-entropy; JAX transposes them",
     batch_norm=lambda x, gain, bias, tap: batch_norm(x, gain, bias),

@@ -8,7 +8,8 @@ Two versions, as in the tutorial:
   to each intermediate (``hprebn[2]`` ...) and each parameter. It is for reading
   and for checking, not for speed.
 * :func:`fused_backward` runs the model's training forward, recording the few
-  values it needs (each block's input, ``x_hat`` and ``s``, ``h``; the logits),
+  values it needs (each block's input, ``x_hat`` and ``s``, ``h``; the ``exp`` of the
+  shifted logits and their row sums, which give ``softmax(logits)``),
   and uses the closed forms of :mod:`jaxbirds.closed_forms` (derived in
   :mod:`jaxbirds.vjp`). It returns the loss and the parameter gradients, and is
   what ``manual`` training calls.

@@ -50,8 +50,10 @@ from jaxbirds.rules import RuleSet, Tap, no_tap
 
 Params = dict[str, jax.Array]
 
-#: The rule sets, by name: adding one is a module that defines a :class:`~jaxbirds.rules.RuleSet` and a line here.
-RULE_SETS: dict[str, RuleSet] = {rules.name: rules for rules in (ops.AUTODIFF, vjp.RULES, jvp.RULES, ops.TUTORIAL)}
+#: The rule sets, by name: adding one is a module that defines a :class:`~jaxbirds.rules.RuleSet` (it must not
+#: import this module) and an entry here, with its import above.
+RULE_SETS: dict[str, RuleSet] = {r.name: r for r in (ops.AUTODIFF, vjp.RULE_SET, jvp.RULE_SET, ops.TUTORIAL)}
+#: Their names.
 RULES: tuple[str, ...] = tuple(RULE_SETS)
 
 
@@ -242,7 +244,7 @@ def block(
     params: Params,
     layer: int,
     x: jax.Array,
-    rules: RuleSet,
+    rule_set: RuleSet,
     stats: BatchNormStats | None = None,
     tap: Tap = no_tap,
 ) -> jax.Array:
@@ -252,7 +254,7 @@ def block(
       params: the model's parameters (this block reads ``Wl``, ``bl``, ``bngainl``, ``bnbiasl``).
       layer: the block's number, from 1.
       x: its input, (N, fan_in): ``embcat`` for the first block, the previous block's ``h`` after.
-      rules: writes batch norm in training mode.
+      rule_set: writes batch norm in training mode.
       stats: the block's calibrated statistics (evaluation mode), or None (the batch's own).
       tap: sees ``hprebn``, the rule set's batch-norm intermediates, ``hpreact`` and ``h``
         (numbered for the layer by the caller, see :func:`in_layer`).
@@ -261,7 +263,7 @@ def block(
     gain, bias = params[gain_name], params[bias_name]
     hprebn = linear(params, layer, x, tap)
     if stats is None:
-        hpreact = rules.batch_norm(hprebn, gain, bias, tap)
+        hpreact = rule_set.batch_norm(hprebn, gain, bias, tap)
     else:
         hpreact = ops.batch_norm_eval(hprebn, gain, bias, stats.mean, stats.var)
     hpreact = tap("hpreact", hpreact)
@@ -289,20 +291,20 @@ def forward(
       rules: the name of the rule set (:data:`RULE_SETS`).
       tap: sees every named intermediate (see the module docstring).
     """
-    rule_set_ = rule_set(rules)
+    chosen = rule_set(rules)
     depth = depth_of(params)
     if stats is not None and len(stats) != depth:
         raise ConfigError(f"{len(stats)} sets of batch-norm statistics for a model of {depth} blocks")
     h = embed(params, X, tap)
     for layer in range(1, depth + 1):
-        h = block(params, layer, h, rule_set_, None if stats is None else stats[layer - 1], in_layer(tap, layer))
+        h = block(params, layer, h, chosen, None if stats is None else stats[layer - 1], in_layer(tap, layer))
     W, b = (params[name] for name in output_param_names(params))
     logits = tap("logits", h @ W + b)
     chex.assert_shape(logits, (X.shape[0], W.shape[1]))
     if Y is None:
         return logits
     chex.assert_shape(Y, (X.shape[0],))
-    return rule_set_.cross_entropy(logits, Y, tap)
+    return chosen.cross_entropy(logits, Y, tap)
 
 
 def logits(params: Params, X: jax.Array, stats: ModelStats | None = None, rules: str = "autodiff") -> jax.Array:

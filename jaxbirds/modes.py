@@ -13,7 +13,7 @@ mode              forward rules   the gradient
 ``atomic``        ``tutorial``    by hand, every intermediate (:func:`jaxbirds.manual.atomic_backward`)
 ================  ==============  ===========================================================
 
-Every rule set with ``grad_mode=True`` is a ``jax.grad`` mode of its own name, so
+Every rule set with ``jax_grad_mode=True`` is a ``jax.grad`` mode of its own name, so
 a new rule set can be trained (``--grad NAME``) and checked without a line here.
 """
 
@@ -75,7 +75,7 @@ def _jax_grad_mode(rules: model.RuleSet) -> GradMode:
 def build_modes() -> dict[str, GradMode]:
     """Every mode: one ``jax.grad`` mode per rule set of :data:`jaxbirds.model.RULE_SETS` that has one,
     then the two passes by hand. :data:`MODES` is built by it at import."""
-    modes = [_jax_grad_mode(rules) for rules in model.RULE_SETS.values() if rules.grad_mode]
+    modes = [_jax_grad_mode(rules) for rules in model.RULE_SETS.values() if rules.jax_grad_mode]
     modes.append(GradMode("manual", "by hand: the closed forms, block by block", "autodiff", True, _fused))
     modes.append(GradMode("atomic", "by hand: every intermediate of the tutorial's steps", "tutorial", True, _atomic))
     return {mode.name: mode for mode in modes}

@@ -106,7 +106,6 @@ AUTODIFF = RuleSet(
     summary="jax.numpy as one would write it; JAX derives the backward pass",
     batch_norm=lambda x, gain, bias, tap: batch_norm(x, gain, bias, tap=tap),
     cross_entropy=cross_entropy,
-    taps=("bnvar_inv", "bnraw", "counts", "counts_sum"),
 )
 
 TUTORIAL = RuleSet(
@@ -114,7 +113,5 @@ TUTORIAL = RuleSet(
     summary="the tutorial's atomic steps, one tapped intermediate per line, for the atomic manual pass",
     batch_norm=lambda x, gain, bias, tap: batch_norm_steps(x, gain, bias, tap=tap),
     cross_entropy=cross_entropy_steps,
-    taps=("bnmeani", "bndiff", "bndiff2", "bnvar", "bnvar_inv", "bnraw")
-    + ("logit_maxes", "norm_logits", "counts", "counts_sum", "counts_sum_inv", "probs", "logprobs"),
-    grad_mode=False,
+    jax_grad_mode=False,
 )

@@ -47,8 +47,7 @@ class RuleSet:
       batch_norm: ``(x (N, H), gain (1, H), bias (1, H), tap) -> y (N, H)``, training mode
         (the batch's mean and unbiased variance).
       cross_entropy: ``(logits (N, V), labels (N,), tap) -> loss ()``, the mean negative log-likelihood.
-      taps: the names ``batch_norm`` and ``cross_entropy`` tap, in order (the manual passes read them).
-      grad_mode: whether ``jax.grad`` through this rule set is a gradient mode of its own, of the
+      jax_grad_mode: whether ``jax.grad`` through this rule set is a gradient mode of its own, of the
         same name (:mod:`jaxbirds.modes`); the tutorial's steps are not: the atomic pass walks them.
     """
 
@@ -56,5 +55,4 @@ class RuleSet:
     summary: str
     batch_norm: Callable[[jax.Array, jax.Array, jax.Array, Tap], jax.Array]
     cross_entropy: Callable[[jax.Array, jax.Array, Tap], jax.Array]
-    taps: tuple[str, ...] = ()
-    grad_mode: bool = True
+    jax_grad_mode: bool = True

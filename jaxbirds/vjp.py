@@ -115,7 +115,7 @@ def _batch_norm_bwd(eps, residuals, dy):
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-RULES = RuleSet(
+RULE_SET = RuleSet(
     name="custom_vjp",
     summary="hand-written reverse-mode rules (jax.custom_vjp) for batch norm and cross-entropy",
     batch_norm=lambda x, gain, bias, tap: batch_norm(x, gain, bias),

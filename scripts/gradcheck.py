@@ -13,7 +13,7 @@ atomic pass is not bitwise equal to jax.grad on every tensor. --show-jaxpr print
 pass of batch norm under each rule set, to see what the hand-written rules remove.
 
 A tensor passes when max|ours - ref| <= rtol * max|ref| + 16 * N, where N is the
-rounding noise on that tensor, the larger of jax.grad's and the method's own,
+rounding noise on that tensor, the larger of jax.grad's and the mode's own,
 each the largest float32-vs-float64 difference over 8 variants of the problem
 (rows permuted, parameters nudged by a few ulps); rtol is 1e-5 in float32 and
 1e-10 in float64. See jaxbirds/gradcheck.py for why. At batch 2 the gradients
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
             f"batch {args.batch_size}, {args.dtype}, tolerance rtol {tol.rtol:g} of max|ref| + "
             f"{tol.noise_multiple:g} x the measured noise; loss {float(jax.jit(model.loss)(params, X, Y)):.4f}\n"
         )
-        methods = gradcheck.all_tables(params, X, Y, tol)
-        tables = {TITLES.get(method, f"{method} vs jax.grad"): rows for method, rows in methods.items()}
-        print_tables(methods, tables, config.depth)
+        by_mode = gradcheck.all_tables(params, X, Y, tol)
+        tables = {TITLES.get(mode, f"{mode} vs jax.grad"): rows for mode, rows in by_mode.items()}
+        print_tables(by_mode, tables, config.depth)
         if args.show_jaxpr:
             for rules, jaxpr in gradcheck.backward_jaxprs(dtype=params["W1"].dtype).items():
                 print(f"### batch norm's backward pass, {rules}: {len(jaxpr.jaxpr.eqns)} equations\n")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                 plots.tolerance_bars(tables, args.plot / "tolerances.png"),
             ]
             print("wrote " + ", ".join(map(str, written)))
-    return verdict(args.dtype, methods, tables, fd_ok)
+    return verdict(args.dtype, by_mode, tables, fd_ok)
 
 
 def make_problem(args, dataset):
@@ -135,13 +135,13 @@ def make_problem(args, dataset):
     return config, params, jnp.asarray(dataset.train.X[ix]), jnp.asarray(dataset.train.Y[ix]), fd_key
 
 
-def print_tables(methods: dict, tables: dict, depth: int) -> None:
+def print_tables(by_mode: dict, tables: dict, depth: int) -> None:
     """Each mode's table, one per layer, then all of them side by side."""
     for title, rows in tables.items():
         for part, group in gradcheck.by_layer(rows, depth).items():
             print(gradcheck.format_table(group, f"{title}: {part}"), end="\n\n")
-    title = f"all {len(methods)} against jax.grad (max diff / allowed; below 1 passes)"
-    print(gradcheck.summary_table(methods, title), end="\n\n")
+    title = f"all {len(by_mode)} against jax.grad (max diff / allowed; below 1 passes)"
+    print(gradcheck.summary_table(by_mode, title), end="\n\n")
 
 
 def check_finite_differences(key, shapes) -> bool:
@@ -159,13 +159,13 @@ def check_finite_differences(key, shapes) -> bool:
     return True
 
 
-def verdict(dtype: str, methods: dict, tables: dict, fd_ok: bool) -> int:
+def verdict(dtype: str, by_mode: dict, tables: dict, fd_ok: bool) -> int:
     """The run's exit code, with its notes: 1 if a tensor is outside tolerance, the finite differences
     failed, or the atomic pass is not bitwise equal where that is claimed; else 0."""
     bad = [f"{title}: {row.name}" for title, rows in tables.items() for row in rows if not row.close]
     backend = jax.default_backend()
     bitwise_claimed = gradcheck.atomic_bitwise_claimed(dtype, backend)
-    not_bitwise = gradcheck.not_bitwise(methods["atomic"])
+    not_bitwise = gradcheck.not_bitwise(by_mode["atomic"])
     if bitwise_claimed and not_bitwise:
         bad.append(
             f"atomic manual backward not bitwise equal to jax.grad (claimed in {dtype} on {backend}): "
@@ -174,7 +174,7 @@ def verdict(dtype: str, methods: dict, tables: dict, fd_ok: bool) -> int:
     print(
         "\nnote: the gradients of each block's b and of logit_maxes are exactly zero in exact arithmetic (batch "
         "norm removes the mean; softmax ignores a shift), so both sides hold rounding noise there; the 'ref noise' "
-        "column is how far jax.grad itself (or the method, if noisier) lands from the float64 answer (the largest "
+        "column is how far jax.grad itself (or the mode, if noisier) lands from the float64 answer (the largest "
         f"of {gradcheck.NOISE_SAMPLES} samples), and sets the tolerance there."
     )
     if not bitwise_claimed:
@@ -187,7 +187,7 @@ def verdict(dtype: str, methods: dict, tables: dict, fd_ok: bool) -> int:
         return 1
     exact = sum(row.exact for rows in tables.values() for row in rows)
     total = sum(len(rows) for rows in tables.values())
-    claim = f", the atomic pass's {len(methods['atomic'])} all bitwise equal to jax.grad" if bitwise_claimed else ""
+    claim = f", the atomic pass's {len(by_mode['atomic'])} all bitwise equal to jax.grad" if bitwise_claimed else ""
     print(f"OK: all {total} tensors within tolerance, {exact} of them bitwise equal to jax.grad{claim}.")
     return 0
 

@@ -137,7 +137,7 @@ def test_the_closed_forms_own_noise_is_in_the_allowance(dataset):
     reference = gradcheck.boundary_noise(params, X, Y)
     own = gradcheck.reference_noise(params, X, Y, "custom_vjp", gradcheck.boundary(1))
     assert own["W1"] > 4 * reference["W1"]
-    rows = gradcheck.method_rows(params, X, Y, "custom_vjp", gradcheck.tolerance_for("float32"), reference, own)
+    rows = gradcheck.mode_rows(params, X, Y, "custom_vjp", gradcheck.tolerance_for("float32"), reference, own)
     assert max(r.max_abs / r.allowed for r in rows) < 0.25, gradcheck.format_table(rows, "batch 2")
 
 
@@ -241,7 +241,7 @@ def test_planted_errors_fail_the_check_in_both_precisions(dataset, monkeypatch, 
         monkeypatch.setattr(vjp, "batch_norm", broken_batch_norm(bwd))
         jax.clear_caches()
         with jax.enable_x64(dtype == "float64"):
-            rows = gradcheck.method_rows(*problems[dtype], "custom_vjp", gradcheck.tolerance_for(dtype), noise[dtype])
+            rows = gradcheck.mode_rows(*problems[dtype], "custom_vjp", gradcheck.tolerance_for(dtype), noise[dtype])
         failed = {r.name for r in rows if not r.close}
         assert {"hprebn[1]", "W1", "C"} <= failed, gradcheck.format_table(rows, f"planted, {dtype}")
     monkeypatch.undo()
@@ -256,7 +256,7 @@ def test_planted_errors_fail_the_check_in_both_precisions(dataset, monkeypatch, 
     jax.clear_caches()
     with jax.enable_x64(True):
         tol = gradcheck.tolerance_for("float64")
-        rows = gradcheck.method_rows(*problems["float64"], "manual", tol, noise["float64"])
+        rows = gradcheck.mode_rows(*problems["float64"], "manual", tol, noise["float64"])
     assert {r.name for r in rows if not r.close} == {"W2"}, gradcheck.format_table(rows, "planted fused")
 
 
@@ -494,7 +494,7 @@ def test_an_error_planted_in_one_blocks_rule_is_seen_from_that_block_down(datase
         return dx * (1 + 1e-3), dgain, dbias
 
     monkeypatch.setattr(closed_forms, "batch_norm_backward", in_block(2, off, original_closed_form))
-    rows = gradcheck.method_rows(params, X, Y, "manual", TOL, noise)  # the fused pass calls it per block
+    rows = gradcheck.mode_rows(params, X, Y, "manual", TOL, noise)  # the fused pass calls it per block
     assert {"hprebn[2]", "hprebn[1]", "W2", "W1", "C"} <= failed_rows(rows), gradcheck.format_table(rows, "fused")
     assert not failed_rows(rows) & above(2), gradcheck.format_table(rows, "fused")
     monkeypatch.undo()
@@ -504,7 +504,7 @@ def test_an_error_planted_in_one_blocks_rule_is_seen_from_that_block_down(datase
     planted = in_block(2, lambda x, g, b, tap: broken_rule(x, g, b), rule_set.batch_norm)
     monkeypatch.setitem(model.RULE_SETS, "custom_vjp", dataclasses.replace(rule_set, batch_norm=planted))
     jax.clear_caches()
-    rows = gradcheck.method_rows(params, X, Y, "custom_vjp", TOL, noise)
+    rows = gradcheck.mode_rows(params, X, Y, "custom_vjp", TOL, noise)
     assert {"hprebn[2]", "hprebn[1]", "W2", "W1", "C"} <= failed_rows(rows), gradcheck.format_table(rows, "vjp")
     assert not failed_rows(rows) & above(2), gradcheck.format_table(rows, "vjp")
 

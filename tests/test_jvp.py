@@ -113,7 +113,7 @@ def test_the_checker_passes_the_custom_jvp_model(dataset, dtype):
         config = model.ModelConfig(vocab_size=dataset.vocab.size, hidden=64)
         params = model.init_params(jax.random.key(1), config, jnp.dtype(dtype))
         X, Y = jnp.asarray(dataset.train.X[:32]), jnp.asarray(dataset.train.Y[:32])
-        rows = gradcheck.method_rows(params, X, Y, "custom_jvp", gradcheck.tolerance_for(dtype))
+        rows = gradcheck.mode_rows(params, X, Y, "custom_jvp", gradcheck.tolerance_for(dtype))
     assert all(r.close for r in rows), gradcheck.format_table(rows, "custom_jvp")
 
 

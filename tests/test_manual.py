@@ -36,7 +36,7 @@ def test_fused_pass_is_close_to_jax_grad(dataset, dtype):
     tol = gradcheck.tolerance_for(dtype)
     with jax.enable_x64(dtype == jnp.float64):
         params, X, Y = make_problem(dataset, 200, 2, dtype)
-        rows = gradcheck.method_rows(params, X, Y, "manual", tol)
+        rows = gradcheck.mode_rows(params, X, Y, "manual", tol)
         loss = manual.fused_backward(params, X, Y).loss
         assert float(loss) == pytest.approx(float(model.loss(params, X, Y)), rel=1e-6)
     assert [r.name for r in rows] == ["logits", "hprebn[1]", *params]
@@ -50,7 +50,7 @@ def test_fused_pass_over_random_shapes_float64(dataset, batch, hidden, seed):
     tol = gradcheck.tolerance_for(np.float64)
     with jax.enable_x64(True):
         params, X, Y = make_problem(dataset, hidden, seed, jnp.float64, batch)
-        rows = gradcheck.method_rows(params, X, Y, "manual", tol)
+        rows = gradcheck.mode_rows(params, X, Y, "manual", tol)
     assert all(r.close for r in rows), gradcheck.format_table(rows, "fused")
 
 
@@ -142,7 +142,7 @@ def test_fused_pass_is_close_at_depth_two(dataset):
     tol = gradcheck.tolerance_for(np.float64)
     with jax.enable_x64(True):
         params, X, Y = make_problem(dataset, (16, 8), 8, jnp.float64)
-        rows = gradcheck.method_rows(params, X, Y, "manual", tol)
+        rows = gradcheck.mode_rows(params, X, Y, "manual", tol)
     assert [r.name for r in rows][:3] == ["logits", "hprebn[2]", "hprebn[1]"]
     assert all(r.close for r in rows), gradcheck.format_table(rows, "fused, depth 2")
 

@@ -225,8 +225,11 @@ def test_a_new_rule_set_is_one_registry_entry(key, batch, monkeypatch):
     assert float(model.loss(params, *batch, rules="toy")) == pytest.approx(float(model.loss(params, *batch)), rel=1e-5)
     loss, grads = train.loss_and_grads_fn("toy")(params, *batch)
     assert set(grads) == set(params)
+    recipe = train.TrainConfig(steps=3, chunk_size=3, grad_mode="toy")  # the trainer accepts it as a mode
+    trained = train.train(*batch, recipe, train.init_state(model.ModelConfig(vocab_size=29, hidden=(16, 8)), recipe))
+    assert trained.state.step == 3 and np.all(np.isfinite(trained.losses))
     assert "toy" in gradcheck.checked_modes()  # the checker's tables take it from the same registry
-    ours, ref = gradcheck.method_vs_reference(params, *map(jnp.asarray, batch), "toy")
+    ours, ref = gradcheck.mode_vs_reference(params, *map(jnp.asarray, batch), "toy")
     assert set(ours) == set(ref) and "hprebn[2]" in ours
     for name in ref:
         np.testing.assert_allclose(ours[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
