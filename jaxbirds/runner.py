@@ -435,9 +435,7 @@ def _writer(options: RunOptions, start: Checkpoint, keep: int, replacing: bool |
     after_first = (
         (lambda: outputs.remove_stale(options.out, keep=(CHECKPOINT, outputs.LOSS_LOG))) if replacing else None
     )
-    return Writer(
-        options.out / CHECKPOINT, LossLog(options.out / outputs.LOSS_LOG), keep, replacing, after_first
-    )
+    return Writer(options.out / CHECKPOINT, LossLog(options.out / outputs.LOSS_LOG), keep, replacing, after_first)
 
 
 def _saving_and_reporting(
