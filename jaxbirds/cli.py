@@ -236,6 +236,7 @@ def stop_requested() -> Iterator[threading.Event]:
 TRAIN_FLAGS = {
     "steps": "--steps", "learning_rate": "--lr", "decay_step": "--decay-step", "chunk_size": "--chunk",
     "batch_size": "--batch-size", "optimizer": "--optimizer", "grad_mode": "--grad", "seed": "--seed",
+    "diagnostics_every": "--diagnostics-every",  # scripts/train.py's own flag (with --diagnostics)
 }  # fmt: skip
 MODEL_FLAGS = {"hidden": "--hidden", "embedding_dim": "--embedding"}
 
@@ -256,7 +257,9 @@ def add_training_flags(
                         + ("; with --resume, a new total to train up to" if resumable else "")),
         "--batch-size": dict(type=batch_size, help=f"examples per step, at least 2 for batch norm (default "
                              f"{defaults.batch_size})"),
-        "--hidden": dict(type=positive_int, help=f"hidden units (default {shapes.hidden})"),
+        "--hidden": dict(type=positive_int, nargs="+", metavar="H", help="the width of each Linear -> BatchNorm -> "
+                         "tanh block, first to last: 200 is the tutorial's model, 100 100 100 100 four blocks "
+                         f"(default {widths(shapes.hidden)})"),
         "--embedding": dict(type=positive_int, help=f"embedding size per character (default {shapes.embedding_dim})"),
         "--lr": dict(type=positive_float, help=f"learning rate; it drops 10x at --decay-step (default "
                      f"{defaults.learning_rate})"),
@@ -278,9 +281,20 @@ def add_training_flags(
 
 
 def given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
-    """The fields whose flags were given on the command line (the training flags default to None)."""
+    """The fields whose flags were given on the command line (the training flags default to None); a flag of
+    many values (``--hidden 100 100``) as a tuple, as its config field holds it."""
     values = {field: getattr(args, flag.lstrip("-").replace("-", "_"), None) for field, flag in flags.items()}
-    return {field: value for field, value in values.items() if value is not None}
+    return {field: tuple(v) if isinstance(v, list) else v for field, v in values.items() if v is not None}
+
+
+def widths(hidden: Sequence[int]) -> str:
+    """Block widths as ``--hidden`` takes them: ``"200"``, ``"100 100 100 100"``."""
+    return " ".join(str(width) for width in hidden)
+
+
+def describe_hidden(hidden: Sequence[int]) -> str:
+    """The hidden layers for a summary line: ``"hidden 200"``; ``"hidden 100 100 100 100 (4 blocks)"``."""
+    return f"hidden {widths(hidden)}" + (f" ({len(hidden)} blocks)" if len(hidden) > 1 else "")
 
 
 def resumed_config(asked: dict, saved, changeable: Sequence[str]) -> tuple[train.TrainConfig, list[str]]:
@@ -300,7 +314,7 @@ def resumed_config(asked: dict, saved, changeable: Sequence[str]) -> tuple[train
     saved_values = {**dataclasses.asdict(tc), **dataclasses.asdict(mc)}
     flags = {**TRAIN_FLAGS, **MODEL_FLAGS}
     refused = [
-        f"{flags[field]} {value} (the run's is {saved_values[field]})"
+        f"{flags[field]} {_flag_value(value)} (the run's is {_flag_value(saved_values[field])})"
         for field, value in asked.items()
         if field not in changeable and value != saved_values[field]
     ]
@@ -320,6 +334,11 @@ def resumed_config(asked: dict, saved, changeable: Sequence[str]) -> tuple[train
         if getattr(tc, field) != getattr(new_tc, field)
     ]
     return new_tc, described
+
+
+def _flag_value(value) -> str:
+    """A value as its flag takes it: ``--hidden 32 32``, not ``--hidden (32, 32)``."""
+    return widths(value) if isinstance(value, tuple) else str(value)
 
 
 def _number(value) -> str:

@@ -41,6 +41,7 @@ CHECKPOINT = "checkpoint.npz"
 LOSS_LOG = "losses.f32"
 METRICS = "metrics.json"
 LOSS_PLOT = "loss.png"
+DIAGNOSTICS_PLOT = "diagnostics.png"
 SWEEP_JSON = "sweep.json"
 SWEEP_PLOT = "sweep.png"
 SWEEP_STATE = "sweep-state.npz"
@@ -49,8 +50,9 @@ SWEEP_LOSSES = "sweep-losses.f32"
 #: The lock a run holds on its output directory (:func:`claimed`); it stays in the directory, unlocked.
 LOCK = ".jaxbirds.lock"
 
-#: What ``scripts/train.py`` writes: the state, the loss history, the results and their picture.
-RUN_FILES = (CHECKPOINT, LOSS_LOG, METRICS, LOSS_PLOT)
+#: What ``scripts/train.py`` writes: the state, the loss history, the results and their pictures (the
+#: diagnostics' only with ``--diagnostics``).
+RUN_FILES = (CHECKPOINT, LOSS_LOG, METRICS, LOSS_PLOT, DIAGNOSTICS_PLOT)
 #: What ``scripts/sweep.py`` writes: every model's state and loss history after every chunk (its checkpoint,
 #: which ``--resume`` continues), its report and figure, and its best model as a run's state and history.
 SWEEP_FILES = (SWEEP_STATE, SWEEP_LOSSES, SWEEP_JSON, SWEEP_PLOT, CHECKPOINT, LOSS_LOG)

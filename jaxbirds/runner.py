@@ -12,7 +12,9 @@
    evaluated: :func:`_draw_loss_curve`, :func:`_calibrate_and_evaluate` (an evaluation that overflows
    ends the run as diverged: :func:`_diverged_in_evaluation`);
 6. save the calibrated checkpoint and print the losses: :func:`_save_result`;
-7. sample names: :func:`_sample_names`;
+7. sample names: :func:`_sample_names`; with ``--diagnostics``, wait for ``diagnostics.png`` (drawn on the
+   helper thread during phase 5: :func:`_draw_diagnostics`) and make its entry of ``metrics.json``:
+   :func:`_diagnostics_entry`;
 8. write ``metrics.json`` and say what the run wrote and how long it took: :func:`_metrics`,
    :func:`_write_metrics`, :func:`_say_done`.
 
@@ -27,7 +29,9 @@ Files in the output directory:
 * ``metrics.json``   - configs, split losses, timings and samples (strict JSON: a value that does
   not exist, such as the loss of an empty split, is ``null``; the per-step history is ``losses.f32``,
   read it with ``numpy.fromfile(path, "<f4")``);
-* ``loss.png``       - log10 training loss, averaged over windows of 1,000 steps.
+* ``loss.png``       - log10 training loss, averaged over windows of 1,000 steps;
+* ``diagnostics.png`` - with ``--diagnostics``: every block's activations and gradients, every weight's
+  gradient and update ratios (:mod:`jaxbirds.diagnostics_plot`); the numbers are in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,19 @@ from typing import NamedTuple, TextIO
 import jax
 import numpy as np
 
-from jaxbirds import checkpoint, data, divergence, evaluate, model, outputs, plots, sample, train
+from jaxbirds import (
+    checkpoint,
+    data,
+    diagnostics,
+    diagnostics_plot,
+    divergence,
+    evaluate,
+    model,
+    outputs,
+    plots,
+    sample,
+    train,
+)
 from jaxbirds.checkpoint import Checkpoint
 from jaxbirds.checkpoint_writer import LossLog, Writer
 from jaxbirds.data import Dataset
@@ -258,6 +274,7 @@ def run(
     phases["waiting for checkpoints"] = trained.wait_seconds
 
     plot = _draw_loss_curve(helper, trained.result, start, options)  # drawn while the model is evaluated
+    figure = _draw_diagnostics(helper, trained.result, start, options)  # likewise, after it
     try:
         evaluation = _calibrate_and_evaluate(trained.result.state.params, dataset, should_stop, say)
     except evaluate.Stopped:
@@ -271,12 +288,16 @@ def run(
     phases["sampling"] = samples.seconds
     # An optional phase of a finished run goes here: a function that reads `trained` (and `evaluation`),
     # writes its own files, and returns its seconds for `phases` and its entry of `metrics` (made below).
+    if start.train_config.diagnostics_every:
+        diagnostics_entry, phases["diagnostics"] = _diagnostics_entry(trained.result, figure, say)
 
     if plot is not None:
         phases["plot"] = _wait_for_plot(plot, say)
     helper.finish()
     # the metrics record every phase but the writing of metrics.json itself (a few milliseconds)
     metrics = _metrics(dataset, start, trained, evaluation, samples, phases, time.perf_counter() - t_start)
+    if start.train_config.diagnostics_every:
+        metrics["diagnostics"] = diagnostics_entry
     _write_metrics(metrics, options.out)
     _say_done(metrics, trained.result, phases, options.out, say)
     return OK
@@ -531,6 +552,26 @@ def _draw_loss_curve(
     return helper.executor.submit(plots.loss_curve, result.losses, options.out / LOSS_PLOT, title=title)
 
 
+def _draw_diagnostics(
+    helper: _HelperThread, result: train.TrainResult, start: Checkpoint, options: RunOptions
+) -> concurrent.futures.Future | None:
+    """Phase 5, with ``--diagnostics``: draw what training recorded into ``diagnostics.png`` on the helper thread
+    (after the loss curve, while the model is evaluated; :func:`jaxbirds.diagnostics_plot.figure`).
+
+    Returns:
+      The drawing's future (its result is the path written), or None without ``options.plot`` or records.
+    """
+    recorded = result.diagnostics
+    if not options.plot or recorded is None:
+        return None
+    tc, steps, blocks = start.train_config, recorded.records.step, " ".join(map(str, start.model_config.hidden))
+    title = (
+        f"training diagnostics ({tc.grad_mode}, {tc.optimizer}; blocks {blocks}; "
+        f"steps {steps[0]:,} to {steps[-1]:,}, every {tc.diagnostics_every:,})"
+    )
+    return helper.executor.submit(diagnostics_plot.figure, recorded, options.out / outputs.DIAGNOSTICS_PLOT, title)
+
+
 class _Evaluation(NamedTuple):
     """What :func:`_calibrate_and_evaluate` found (see :func:`evaluate_splits`)."""
 
@@ -649,6 +690,30 @@ def _sample_names(
         for name, finished in zip(samples.names, samples.finished, strict=True):
             say(f"  {sample.shown(name, finished)}")
     return _Samples(names, memorised, time.perf_counter() - t0)
+
+
+def _diagnostics_entry(
+    result: train.TrainResult, figure: concurrent.futures.Future | None, say: Say
+) -> tuple[dict | None, float]:
+    """Phase 7, with ``--diagnostics``: wait for ``diagnostics.png`` (if drawn) and make ``metrics.json``'s
+    ``"diagnostics"`` (:func:`jaxbirds.diagnostics.summary`).
+
+    Only this call's records exist: a resumed run's begin at the step it resumed from (the checkpoint
+    keeps no records), and one with nothing left to train has none.
+
+    Returns:
+      ``(entry, seconds)``: the entry (None when no step was recorded) and the seconds the phase took.
+
+    Raises:
+      Whatever drawing raised.
+    """
+    t0 = time.perf_counter()
+    if result.diagnostics is None:
+        say("diagnostics: no step was recorded (nothing was trained)")
+        return None, time.perf_counter() - t0
+    if figure is not None:
+        say(f"wrote {figure.result()}")
+    return diagnostics.summary(*result.diagnostics), time.perf_counter() - t0
 
 
 def _wait_for_plot(plot: concurrent.futures.Future, say: Say) -> float:

@@ -32,7 +32,6 @@ All four hand their gradients to the same optax optimiser.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -43,12 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbirds import divergence, manual, memory, model
+from jaxbirds import diagnostics, divergence, memory, model, modes
 from jaxbirds.errors import ConfigError
 from jaxbirds.model import ModelConfig, Params
 from jaxbirds.ops import check_batch_size
 
-GRAD_MODES: tuple[str, ...] = ("autodiff", "custom_vjp", "custom_jvp", "manual")
+GRAD_MODES: tuple[str, ...] = modes.GRAD_MODES
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 #: Seeds are 32-bit: ``jax.random.key`` folds larger ones onto smaller ones without 64-bit mode.
 SEED_LIMIT = 2**32
@@ -75,6 +74,9 @@ class TrainConfig:
     grad_mode: str = "autodiff"
     chunk_size: int = 10_000
     unroll: int = 1
+    # Record the diagnostics of :mod:`jaxbirds.diagnostics` at every step that is a multiple of this
+    # (inside the compiled loop); 0: none, and the training program is the one without them.
+    diagnostics_every: int = 0
 
     def __post_init__(self):
         problems = []
@@ -93,11 +95,13 @@ class TrainConfig:
                 problems.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if self.decay_step < 0:
             problems.append(f"decay_step must be >= 0, got {self.decay_step!r}")
-        if self.grad_mode not in GRAD_MODES:
-            problems.append(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if self.grad_mode not in modes.MODES:  # looked up now: a rule set registered later is a mode too
+            problems.append(f"grad_mode must be one of {tuple(modes.MODES)}, got {self.grad_mode!r}")
+        if not (isinstance(self.diagnostics_every, int) and self.diagnostics_every >= 0):
+            problems.append(f"diagnostics_every must be 0 (none) or a positive integer, got {self.diagnostics_every!r}")
         if self.chunk_size < 1 or self.unroll < 1:
             problems.append(f"chunk_size and unroll must be >= 1, got {self.chunk_size}, {self.unroll}")
-        for name in ("steps", "batch_size", "decay_step", "chunk_size"):
+        for name in ("steps", "batch_size", "decay_step", "chunk_size", "diagnostics_every"):
             value = getattr(self, name)
             if isinstance(value, int) and value >= INT32_LIMIT:
                 problems.append(f"{name} must be below 2**31 (it is an int32 in the program), got {value:,}")
@@ -126,7 +130,10 @@ def _positive_finite(value) -> bool:
 #: The fields the compiled training program depends on. The others (``steps``,
 #: ``seed``, ``chunk_size``) enter as arguments or loop bounds: changing them
 #: reuses the executable.
-PROGRAM_FIELDS = ("batch_size", "optimizer", "learning_rate", "decay_step", "decay_factor", "grad_mode", "unroll")
+PROGRAM_FIELDS = (
+    "batch_size", "optimizer", "learning_rate", "decay_step", "decay_factor", "grad_mode", "unroll",
+    "diagnostics_every",
+)  # fmt: skip
 
 
 class TrainState(NamedTuple):
@@ -185,17 +192,8 @@ def _split_seed(seed: jax.Array) -> Keys:
 
 
 def loss_and_grads_fn(grad_mode: str) -> Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, Params]]:
-    """``(params, X, Y) -> (loss, grads)`` for one of the gradient modes."""
-    if grad_mode in ("autodiff", "custom_vjp", "custom_jvp"):
-        return jax.value_and_grad(functools.partial(model.loss, rules=grad_mode))
-    if grad_mode == "manual":
-
-        def manual_loss_and_grads(params, X, Y):
-            result = manual.fused_backward(params, X, Y)
-            return result.loss, result.grads
-
-        return manual_loss_and_grads
-    raise ConfigError(f"unknown gradient mode {grad_mode!r}; choose from {GRAD_MODES}")
+    """``(params, X, Y) -> (loss, grads)`` for one of the gradient modes (:mod:`jaxbirds.modes`)."""
+    return modes.grad_mode(grad_mode).loss_and_grads
 
 
 def sample_batch_indices(data_key: jax.Array, steps: jax.Array, batch_size: int, n_examples: int) -> jax.Array:
@@ -228,28 +226,101 @@ def chunk_fn(
     benchmarks time other passes with it); ``optimizer`` replaces the config's
     (a sweep's keeps each model's learning rate in its state). Pure, so it can
     be transformed further: :mod:`jaxbirds.sweep` maps it over many models with ``vmap``.
+
+    With ``train_config.diagnostics_every = k > 0`` the chunk returns a fourth value,
+    ``(records, snapshot)`` (:mod:`jaxbirds.diagnostics`), see :func:`_recording_loop`: each step
+    ``t < stop`` that is a multiple of ``k`` writes its :func:`~jaxbirds.diagnostics.record` into
+    the next of :func:`~jaxbirds.diagnostics.records_per_chunk` rows (unused rows keep step -1),
+    and its tensors replace the snapshot. Every step's arithmetic is the same either way (the same
+    losses and parameters, bit for bit); with ``k = 0`` the program is the one without diagnostics.
     """
     optimizer = optimizer or train_config.make_optimizer()
     loss_and_grads = loss_and_grads or loss_and_grads_fn(train_config.grad_mode)
+    every = train_config.diagnostics_every
+
+    def step_update(params, opt_state, t, stop, Xb, Yb):
+        """One SGD step (nothing changes at ``t >= stop``): the new state, the loss, the gradient and the update."""
+        loss, grads = loss_and_grads(params, Xb, Yb)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new = (optax.apply_updates(params, updates), new_opt_state)
+        new_params, opt_state = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, (params, opt_state))
+        return new_params, opt_state, loss, grads, updates
 
     def sgd_step(carry, batch):
         params, opt_state, stop = carry
         t, Xb, Yb = batch
-        loss, grads = loss_and_grads(params, Xb, Yb)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new = (optax.apply_updates(params, updates), new_opt_state)
-        params, opt_state = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, (params, opt_state))
+        params, opt_state, loss, _, _ = step_update(params, opt_state, t, stop, Xb, Yb)
         return (params, opt_state, stop), loss
 
     def chunk(params, opt_state, start, stop, X, Y, data_key):
         steps = start + jnp.arange(length)
         rows = sample_batch_indices(data_key, steps, train_config.batch_size, X.shape[0])
         batches = (steps, X[rows], Y[rows])  # every step's examples, gathered at once before the loop
-        carry = (params, opt_state, stop)
-        (params, opt_state, _), losses = jax.lax.scan(sgd_step, carry, batches, unroll=train_config.unroll)
-        return params, opt_state, losses
+        if not every:
+            carry = (params, opt_state, stop)
+            (params, opt_state, _), losses = jax.lax.scan(sgd_step, carry, batches, unroll=train_config.unroll)
+            return params, opt_state, losses
+        return _recording_loop(step_update, params, opt_state, start, stop, batches, every, train_config.batch_size)
 
     return chunk
+
+
+def _recording_loop(step_update: Callable, params, opt_state, start, stop, batches, every: int, batch_size: int):
+    """The chunk's steps with diagnostics: ``(params, opt_state, losses, (records, snapshot))``.
+
+    Not a ``lax.scan`` of steps with the recording under ``lax.cond``: a conditional that holds
+    matrix products, in the loop body, slows every step on XLA's CPU backend even when it is never
+    taken (by ~40% at the default model, measured: the cost is the conditional's, not the
+    recording's). Instead a loop over the chunk's recording steps, run
+    :func:`~jaxbirds.diagnostics.records_per_chunk` times, takes each recording step explicitly
+    (its gradient and update then feed the record as well as the training, under a conditional that
+    runs once per record, not per step), then a plain loop of steps up to the next one. The first
+    recording step of the chunk is ``first = start + (-start) % every``; the steps before it run
+    first. Steps at or past ``stop`` are not run at all (their losses stay 0: past ``stop`` they
+    are meaningless anyway). ``TrainConfig.unroll`` does not apply (the loops' bounds are dynamic).
+
+    Args:
+      step_update: ``(params, opt_state, t, stop, Xb, Yb) -> (params, opt_state, loss, grads, updates)``.
+      params, opt_state: the state at step ``start``.
+      start, stop: the chunk's first step and the first step it does not run, () int32.
+      batches: ``(steps (length,), X (length, N, k), Y (length, N))``: every step's number and minibatch.
+      every: record the steps that are multiples of this.
+      batch_size: N.
+    """
+    steps, Xs, Ys = batches
+    length = steps.shape[0]
+    live = jnp.clip(stop - start, 0, length)  # steps run: chunk indices 0 .. live - 1
+    rows = diagnostics.records_per_chunk(length, every)
+    first = (-start) % every  # chunk index of the first recording step
+
+    def train_step(i, carry):
+        params, opt_state, losses = carry
+        params, opt_state, loss, _, _ = step_update(params, opt_state, steps[i], stop, Xs[i], Ys[i])
+        return params, opt_state, losses.at[i].set(loss)
+
+    def train_steps(lo, hi, carry):
+        return jax.lax.fori_loop(jnp.minimum(lo, live), jnp.minimum(hi, live), train_step, carry)
+
+    def record_and_train(i, carry, log):
+        """Step ``i``, recording its state, gradient and update."""
+        (params, opt_state, losses), (count, records, snapshot) = carry, log
+        new_params, new_opt_state, loss, grads, updates = step_update(params, opt_state, steps[i], stop, Xs[i], Ys[i])
+        numbers, snapshot = diagnostics.record(steps[i], params, grads, updates, Xs[i], Ys[i])
+        log = (count + 1, diagnostics.write_row(records, count, numbers), snapshot)
+        return (new_params, new_opt_state, losses.at[i].set(loss)), log
+
+    def segment(r, state):
+        """Recording step ``first + r * every`` (if the chunk runs it), then the steps before the next one."""
+        carry, log = state
+        i = first + r * every
+        carry, log = jax.lax.cond(i < live, record_and_train, lambda i, *state: state, i, carry, log)
+        return train_steps(i + 1, i + every, carry), log
+
+    losses = jnp.zeros(length, params["W1"].dtype)  # the loss has the parameters' dtype
+    carry = train_steps(0, first, (params, opt_state, losses))
+    log = (jnp.int32(0), *diagnostics.empty(params, batch_size, rows))
+    (params, opt_state, losses), (_, records, snapshot) = jax.lax.fori_loop(0, rows, segment, (carry, log))
+    return params, opt_state, losses, (records, snapshot)
 
 
 def make_chunk_fn(train_config: TrainConfig, length: int, loss_and_grads: Callable | None = None) -> Callable:
@@ -305,6 +376,9 @@ class TrainResult(NamedTuple):
     train_seconds: float  # time in compiled chunks, compile excluded
     stopped: bool  # stopped early on request (e.g. Ctrl-C)
     diverged_at: int | None  # first step with a non-finite loss, if any
+    # with diagnostics_every > 0: what this call recorded, from the step it started at (a resumed run's
+    # records begin where it resumed) to the state returned; None without, or when no step was recorded
+    diagnostics: diagnostics.Recorded | None = None
 
 
 def train(
@@ -340,6 +414,7 @@ def train(
     tc = train_config
     previous = np.zeros(0, np.float32) if losses_so_far is None else np.asarray(losses_so_far, np.float32)
     losses = [previous[: state.step]]
+    recorder = _Recorder() if tc.diagnostics_every else None
     if state.step >= tc.steps:  # nothing left to train: no program to compile
         return TrainResult(state, losses[0], 0.0, 0.0, False, None)
     X, Y = jnp.asarray(X), jnp.asarray(Y)
@@ -358,20 +433,22 @@ def train(
     starts = [TrainState(*host_copy((params, opt_state)), step)]  # host copies of the last two chunk starts
 
     def run_chunk(params, opt_state, start, stop):
-        return chunk(params, opt_state, jnp.int32(start), jnp.int32(stop), X, Y, data_key)
+        """``(params, opt_state, losses, log)``; ``log`` is the chunk's diagnostics, None without."""
+        params, opt_state, losses, *log = chunk(params, opt_state, jnp.int32(start), jnp.int32(stop), X, Y, data_key)
+        return params, opt_state, losses, (log[0] if log else None)
 
     def state_at(target: int) -> TrainState:
         """Replay from the latest saved chunk start at or before ``target`` up to ``target``."""
         origin = next(s for s in reversed(starts) if s.step <= target)
         if origin.step == target:
             return origin
-        new_params, new_opt_state, _ = run_chunk(*host_copy((origin.params, origin.opt_state)), origin.step, target)
+        new_params, new_opt_state, *_ = run_chunk(*host_copy((origin.params, origin.opt_state)), origin.step, target)
         return TrainState(*host_copy((new_params, new_opt_state)), target)
 
     while step < tc.steps:
         stop = min(step + length, tc.steps)
         t0 = time.perf_counter()
-        params, opt_state, chunk_losses = run_chunk(params, opt_state, step, stop)
+        params, opt_state, chunk_losses, log = run_chunk(params, opt_state, step, stop)
         chunk_losses = np.asarray(chunk_losses)[: stop - step]  # waits for the chunk: the one host sync per chunk
         train_seconds += time.perf_counter() - t0
 
@@ -384,7 +461,12 @@ def train(
             last_finite = diverged_at - 1
             good = state_at(last_finite) if last_finite >= starts[0].step else starts[0]
             history = np.concatenate(losses)[: good.step]
-            return TrainResult(good, history, compile_seconds, train_seconds, False, diverged_at)
+            if recorder is not None:
+                recorder.add(log, last=good.step)
+            recorded = recorder.result() if recorder else None
+            return TrainResult(good, history, compile_seconds, train_seconds, False, diverged_at, recorded)
+        if recorder is not None:
+            recorder.add(log)
         step = stop
         losses.append(chunk_losses)
         host = TrainState(*host_copy((params, opt_state)), step)
@@ -398,4 +480,30 @@ def train(
             break
 
     final = TrainState(params, opt_state, step)
-    return TrainResult(final, np.concatenate(losses), compile_seconds, train_seconds, step < tc.steps, None)
+    recorded = recorder.result() if recorder else None
+    return TrainResult(final, np.concatenate(losses), compile_seconds, train_seconds, step < tc.steps, None, recorded)
+
+
+class _Recorder:
+    """Collects the chunks' diagnostics on the host: every record in step order, and the latest snapshot."""
+
+    def __init__(self):
+        self.parts: list[diagnostics.Record] = []
+        self.snapshot: diagnostics.Snapshot | None = None
+
+    def add(self, log: tuple[diagnostics.Record, diagnostics.Snapshot] | None, last: int | None = None) -> None:
+        """Keep a chunk's records and snapshot (one copy to the host); with ``last``, only those of steps up to
+        ``last`` (after a divergence: the states past the last finite one are not kept)."""
+        if log is None:
+            return
+        records, snapshot = host_copy(log)
+        if last is not None:
+            records = records._replace(step=np.where(records.step <= last, records.step, -1))
+        self.parts.append(records)
+        if snapshot.step >= 0 and (last is None or snapshot.step <= last):
+            self.snapshot = snapshot
+
+    def result(self) -> diagnostics.Recorded | None:
+        if not self.parts:
+            return None
+        return diagnostics.Recorded(diagnostics.concatenate(self.parts), self.snapshot)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Train the bird-name MLP (the tutorial's recipe by default) and invent some names.
 
-Defaults: embedding 10, hidden 200, batch 32, 200,000 SGD steps, learning rate
-0.1 then 0.01 from step 100,000. Writes checkpoint.npz, losses.f32,
-metrics.json and loss.png into --out. Ctrl-C stops after the current chunk and
-saves; --resume continues from the saved state and ends exactly where an
-uninterrupted run would.
+Defaults: embedding 10, one hidden block (Linear -> BatchNorm -> tanh) of 200
+units (--hidden 100 100 100 100 stacks four), batch 32, 200,000 SGD steps,
+learning rate 0.1 then 0.01 from step 100,000. Writes checkpoint.npz,
+losses.f32, metrics.json and loss.png into --out. Ctrl-C stops after the
+current chunk and saves; --resume continues from the saved state and ends
+exactly where an uninterrupted run would.
 
 A new run refuses an --out that already holds a checkpoint unless --overwrite
 is given. On --resume, the learning-rate schedule (--lr, --decay-step), --steps,
@@ -23,12 +24,12 @@ STARTED = time.perf_counter()  # before the imports below: they are part of the 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from jaxbirds import cli, data, model, outputs, runner, train  # noqa: E402
+from jaxbirds import cli, data, diagnostics, model, outputs, runner, train  # noqa: E402
 from jaxbirds.checkpoint import Checkpoint, DataSource  # noqa: E402
 from jaxbirds.errors import ConfigError  # noqa: E402
 
 #: On --resume, these may change; every other flag above belongs to the saved run.
-CHANGEABLE = ("steps", "learning_rate", "decay_step", "chunk_size")
+CHANGEABLE = ("steps", "learning_rate", "decay_step", "chunk_size", "diagnostics_every")
 
 
 def parse_args(argv):
@@ -46,7 +47,17 @@ def parse_args(argv):
     p.add_argument(
         "--log-every", type=cli.positive_int, default=10_000, help="steps between progress lines (default 10,000)"
     )
-    p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    p.add_argument("--no-plot", action="store_true", help="do not write loss.png (nor diagnostics.png)")
+    p.add_argument(
+        "--diagnostics", action="store_true",
+        help=f"record activation, gradient and update statistics of every block while training (about "
+        f"{diagnostics.DEFAULT_RECORDS} times a run, inside the compiled loop); writes diagnostics.png and "
+        "metrics.json's 'diagnostics'. On --resume, recording starts where the run resumes",
+    )  # fmt: skip
+    p.add_argument(
+        "--diagnostics-every", type=cli.non_negative_int, metavar="N",
+        help="record the diagnostics at every step that is a multiple of this (implies --diagnostics; 0: none)",
+    )  # fmt: skip
     cli.add_compile_cache_option(p)
     return p.parse_args(argv)
 
@@ -56,12 +67,22 @@ def new_configs(args, dataset: data.Dataset) -> tuple[model.ModelConfig, train.T
     model_config = model.ModelConfig(
         vocab_size=dataset.vocab.size, context_size=dataset.context_size, **cli.given(args, cli.MODEL_FLAGS)
     )
-    return model_config, train.TrainConfig(**cli.given(args, cli.TRAIN_FLAGS))
+    return model_config, train.TrainConfig(**asked_training(args, train.TrainConfig()))
+
+
+def asked_training(args, current: train.TrainConfig, from_step: int = 0) -> dict:
+    """The training fields whose flags were given. ``--diagnostics`` without ``--diagnostics-every``, for a run
+    that does not record yet (``current``: the defaults, or the saved run's config, at ``from_step``), asks
+    for :data:`jaxbirds.diagnostics.DEFAULT_RECORDS` records or so of the steps it will train."""
+    asked = cli.given(args, cli.TRAIN_FLAGS)
+    if args.diagnostics and "diagnostics_every" not in asked and not current.diagnostics_every:
+        asked["diagnostics_every"] = diagnostics.default_every(asked.get("steps", current.steps) - from_step)
+    return asked
 
 
 def resumed_run(args, saved: Checkpoint) -> tuple[Checkpoint, list[str]]:
     """``saved`` with the changes the flags ask for; a :class:`ConfigError` for a flag that may not change."""
-    asked = {**cli.given(args, cli.TRAIN_FLAGS), **cli.given(args, cli.MODEL_FLAGS)}
+    asked = {**asked_training(args, saved.train_config, saved.state.step), **cli.given(args, cli.MODEL_FLAGS)}
     train_config, described = cli.resumed_config(asked, saved, CHANGEABLE)
     return saved._replace(train_config=train_config), described
 
@@ -102,9 +123,10 @@ def train_in(args, phases: dict[str, float]) -> int:
     print(dataset.summary())
     print(
         f"model: {model.param_count(start.state.params):,} parameters (embedding {start.model_config.embedding_dim}, "
-        f"hidden {start.model_config.hidden}); {tc.optimizer} lr {tc.learning_rate:g} -> "
+        f"{cli.describe_hidden(start.model_config.hidden)}); {tc.optimizer} lr {tc.learning_rate:g} -> "
         f"{tc.learning_rate * tc.decay_factor:g} at step {tc.decay_step:,}; batch {tc.batch_size}; "
         f"gradients: {tc.grad_mode}; {tc.steps:,} steps"
+        + (f"; diagnostics every {tc.diagnostics_every:,} steps" if tc.diagnostics_every else "")
     )
     options = runner.RunOptions(out=args.out, samples=args.samples, plot=not args.no_plot, log_every=args.log_every)
     with cli.stop_requested() as stop:
