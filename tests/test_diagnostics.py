@@ -223,6 +223,7 @@ def test_the_update_ratio_of_an_sgd_update_is_log10_of_lr_times_the_gradients_sp
     np.testing.assert_allclose(diagnostics.update_to_data(updates, params, ["W"]), [expected], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_py_with_diagnostics_writes_the_figure_and_the_metrics_and_a_resume_records_on(tmp_path, capsys):
     """Depth 2 end to end: ``--diagnostics`` records every 400 // 100 = 4 steps; ``--resume`` (the run's own
     setting) records the steps it trains, from where it resumes."""

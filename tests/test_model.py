@@ -208,6 +208,7 @@ def test_statistics_must_be_one_set_per_block(key, batch):
         model.logits(params, batch[0], stats=(one,))
 
 
+@pytest.mark.slow
 def test_a_new_rule_set_is_one_registry_entry(key, batch, monkeypatch):
     """What the README's "Adding a rule set" promises: a RuleSet in RULE_SETS is a rule set of the
     forward pass, a gradient mode of the trainer and a method of the checker, with no other change."""
