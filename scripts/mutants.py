@@ -1046,6 +1046,20 @@ MUTANTS = [
         "return length // every + 0",
         "a chunk has too few rows for its records",
     ),
+    Mutant(
+        "modes-tutorial-as-a-mode",
+        "jaxbirds/modes.py",
+        "for rules in model.RULE_SETS.values() if rules.jax_grad_mode]",
+        "for rules in model.RULE_SETS.values()]",
+        "jax.grad through the tutorial's steps becomes a gradient mode and a checker table of its own",
+    ),
+    Mutant(
+        "trainconfig-modes-frozen-at-import",
+        "jaxbirds/train.py",
+        "if self.grad_mode not in modes.MODES:",
+        "if self.grad_mode not in GRAD_MODES:",
+        "a rule set registered after import cannot be trained",
+    ),
 ]
 
 
